@@ -1,0 +1,83 @@
+# Every user-facing target bootstraps .venv on first use: a fresh clone needs no install step.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TS_CONFIG := serve_config/config.properties
+
+DATA ?= sample
+CONFIG ?= configs/$(DATA).yaml
+MODEL ?= artifacts/food/latest
+IMAGE ?= examples/pizza.jpg
+FORMAT ?=
+ARGS ?=
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export TS_CONFIG_FILE := $(abspath $(TS_CONFIG))
+
+.PHONY: install sample-data train evaluate predict export archive serve stop serve-onnx \
+        demo test lint bench bench-full mlflow-ui clean
+
+install: $(STAMP)
+
+# torch/torchvision come from pip (never uv/poetry) so a local wheel cache and the version
+# caps in pyproject.toml apply.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[train,serve,torchserve,dev]"
+	@command -v java >/dev/null || { echo "TorchServe needs Java 17: apt-get install -y openjdk-17-jre-headless" >&2; }
+	touch $(STAMP)
+
+sample-data: $(STAMP)
+	test -d data/sample || $(PY) -m training sample-data data/sample
+
+train: $(STAMP)
+	@if [ "$(DATA)" = "sample" ]; then $(MAKE) --no-print-directory sample-data; fi
+	$(PY) -m training train --config $(CONFIG) $(ARGS)
+
+evaluate: $(STAMP)
+	$(PY) -m training evaluate --model $(MODEL) $(ARGS)
+
+predict: $(STAMP)
+	$(PY) -m training predict $(IMAGE) --model $(MODEL) $(ARGS)
+
+export: $(STAMP)
+	$(PY) -m training export --model $(MODEL) $(ARGS)
+
+archive: $(STAMP)
+	$(PY) -m training export --model $(MODEL)
+	$(PY) -m training archive --model $(MODEL) $(if $(FORMAT),--format $(FORMAT)) $(ARGS)
+
+serve: $(STAMP)
+	torchserve --start --ts-config $(TS_CONFIG) --models food=food.mar --ncs --disable-token-auth
+	$(PY) -m training wait-ready http://127.0.0.1:8080/ping
+
+stop: $(STAMP)
+	torchserve --stop
+
+serve-onnx: $(STAMP)
+	$(PY) -m serving --model $(MODEL) $(ARGS)
+
+demo: $(STAMP)
+	$(PY) -m training demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check training serving handlers benchmarks tests
+	hadolint Dockerfile
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --quick $(ARGS)
+
+bench-full: $(STAMP)
+	$(PY) -m benchmarks --full $(ARGS)
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf artifacts checkpoints model_store/*.mar logs mlruns mlflow.db .pytest_cache \
+	       .hypothesis serve_config/.snapshots benchmarks/scratch

@@ -1,0 +1,1 @@
+"""Torch-free serving runtime: preprocessing, ONNX Predictor, fallback HTTP server."""

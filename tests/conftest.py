@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny model versions and images, so every stage tests in seconds."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CLASSES = ["pizza", "salad", "sushi"]
+TINY_RESIZE, TINY_CROP = 40, 32
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0, quality: int = 90) -> bytes:
+    """A random-but-deterministic JPEG with some structure (gradient + noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(1, width - 1), y * 255 / max(1, height - 1),
+                     np.full_like(x, rng.integers(0, 255), dtype=float)], axis=-1)
+    arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory) -> list[Path]:
+    """A handful of JPEG files of varied sizes and aspect ratios."""
+    root = tmp_path_factory.mktemp("images")
+    sizes = [(64, 48), (48, 64), (100, 75), (33, 40), (80, 80), (120, 90), (50, 70), (70, 50)]
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        p = root / f"img{i}.jpg"
+        p.write_bytes(jpeg_bytes(w, h, seed=i))
+        paths.append(p)
+    return paths
+
+
+def make_tiny_version(root: Path, name: str = "food", arch: str = "mobilenet_v2",
+                      seed: int = 0) -> Path:
+    """Write a complete-enough model version (weights, classes, config) with random weights.
+
+    It holds what export, archive and serving read: model.pth, class_to_idx.json and
+    model_config.json, at a 32-pixel crop so everything downstream runs in seconds.
+    """
+    import torch
+
+    from serving.preprocess import PreprocessSpec
+    from training.models import build_model
+    from training.version import create_version, make_model_config, write_json
+
+    torch.manual_seed(seed)
+    class_to_idx = {c: i for i, c in enumerate(TINY_CLASSES)}
+    model = build_model(arch, len(class_to_idx), weights="none")
+    spec = PreprocessSpec(resize_size=TINY_RESIZE, crop_size=TINY_CROP)
+
+    def write(tmp: Path, number: int) -> None:
+        torch.save(model.state_dict(), tmp / "model.pth")
+        write_json(tmp / "class_to_idx.json", class_to_idx)
+        write_json(tmp / "model_config.json",
+                   make_model_config(name, number, arch, class_to_idx, spec, topk=3,
+                                     weights="none", metrics={"val_acc": 0.0}))
+
+    return create_version(Path(root) / name, write)
+
+
+@pytest.fixture(scope="session")
+def tiny_version(tmp_path_factory) -> Path:
+    """One tiny mobilenet_v2 version under a temp ``artifacts/food/v1``."""
+    return make_tiny_version(tmp_path_factory.mktemp("artifacts"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
