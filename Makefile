@@ -56,7 +56,9 @@ serve: $(STAMP)
 stop: $(STAMP)
 	torchserve --stop
 
+# Exports model.onnx first when MODEL is a version directory that has none yet.
 serve-onnx: $(STAMP)
+	if [ -d "$(MODEL)" ] && [ ! -f "$(MODEL)/model.onnx" ]; then $(PY) -m training export --model $(MODEL); fi
 	$(PY) -m serving --model $(MODEL) $(ARGS)
 
 demo: $(STAMP)

@@ -78,3 +78,48 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+
+def make_onnx_version(root: Path, name: str = "food", seed: int = 0) -> Path:
+    """A tiny version whose answers depend on the image, with ``model.onnx`` exported.
+
+    A freshly initialised mobilenet_v2 answers every image alike (its BatchNorm statistics
+    are the defaults); running a few random batches through it in train mode sets them, so
+    tests can tell one image's answer from another's. model.pth is rewritten to match. The
+    ONNX export is a local stand-in for ``python -m training export`` (dynamic batch, input
+    "input", output "logits", one self-contained file) so serving tests need no other stage.
+    """
+    import json
+
+    import torch
+
+    from training.models import build_model
+
+    version_dir = make_tiny_version(root, name=name, seed=seed)
+    config = json.loads((version_dir / "model_config.json").read_text())
+    model = build_model(config["arch"], config["num_classes"], weights="none")
+    model.load_state_dict(torch.load(version_dir / "model.pth", weights_only=True))
+    crop = config["preprocessing"]["crop_size"]
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(16, 3, crop, crop, generator=gen))
+    model.eval()
+    torch.save(model.state_dict(), version_dir / "model.pth")
+    torch.onnx.export(model, torch.randn(2, 3, crop, crop), str(version_dir / "model.onnx"),
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    return version_dir
+
+
+@pytest.fixture(scope="session")
+def onnx_version(tmp_path_factory) -> Path:
+    """A tiny version under its own temp ``artifacts/food/v1`` with ``model.onnx``."""
+    return make_onnx_version(tmp_path_factory.mktemp("onnx_artifacts"))

@@ -51,18 +51,23 @@ class ModelVersion:
         return PreprocessSpec.from_dict(self.config["preprocessing"])
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename)."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically (temp file in the same directory, then rename), mode 0644."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers may run as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def make_model_config(name: str, version: int, arch: str, class_to_idx: dict[str, int],
@@ -95,6 +100,7 @@ def create_version(model_root: Path, write: Callable[[Path, int], None]) -> Path
     model_root = Path(model_root)
     model_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_root, prefix=".incomplete-"))
+    os.chmod(tmp, 0o755)
     try:
         while True:
             number = (existing_versions(model_root) or [0])[-1] + 1

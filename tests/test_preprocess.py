@@ -1,0 +1,146 @@
+"""The shared preprocessing equals torchvision's evaluation transforms and refuses bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torchvision import transforms as T
+
+from serving.postprocess import labels_from_class_to_idx, parse_topk, softmax, topk
+from serving.preprocess import (InputError, PreprocessSpec, decode_image, preprocess,
+                                preprocess_bytes)
+from conftest import jpeg_bytes
+
+
+def torchvision_eval(spec: PreprocessSpec):
+    return T.Compose([T.Resize(spec.resize_size), T.CenterCrop(spec.crop_size), T.ToTensor(),
+                      T.Normalize(spec.mean, spec.std)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(8, 300), h=st.integers(8, 300), crop=st.integers(8, 64),
+       extra=st.integers(0, 40), seed=st.integers(0, 1000))
+def test_matches_torchvision_eval_transforms(w, h, crop, extra, seed):
+    spec = PreprocessSpec(resize_size=crop + extra, crop_size=crop)
+    data = jpeg_bytes(w, h, seed=seed)
+    ours = preprocess_bytes(data, spec)
+    ref = torchvision_eval(spec)(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+    assert ours.shape == (3, crop, crop) and ours.dtype == np.float32
+    # Same PIL resize, same crop box; only float rounding of the normalization can differ.
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_max_abs_difference_on_example_sizes(capsys):
+    spec = PreprocessSpec(resize_size=256, crop_size=224)
+    worst = 0.0
+    for w, h in [(500, 375), (375, 500), (1024, 768), (300, 300)]:
+        data = jpeg_bytes(w, h, seed=w)
+        ref = torchvision_eval(spec)(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+        worst = max(worst, float(np.abs(preprocess_bytes(data, spec) - ref).max()))
+    print(f"max abs difference vs torchvision: {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
+                                      ("CMYK", "JPEG"), ("I;16", "PNG"), ("LA", "PNG")])
+def test_convertible_modes_become_rgb(mode, fmt):
+    img = Image.new("RGB", (20, 10), (200, 30, 30)).convert(mode) if mode != "I;16" else \
+        Image.fromarray(np.full((10, 20), 40000, dtype=np.uint16))
+    out = decode_image(_encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (20, 10)
+
+
+def test_sixteen_bit_grey_is_rescaled_not_clipped():
+    img = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    out = np.asarray(decode_image(_encode(img, "PNG")))
+    assert 126 <= out[0, 0, 0] <= 130  # half of full scale, not clipped to 255
+
+
+def test_transparent_pixels_are_composited_on_white():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    out = np.asarray(decode_image(_encode(img, "PNG")))
+    assert (out == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 40)
+
+
+def test_float_mode_is_refused_with_415():
+    img = Image.fromarray(np.zeros((4, 4), dtype=np.float32), "F")
+    with pytest.raises(InputError) as e:
+        decode_image(_encode(img, "TIFF"))
+    assert e.value.status == 415 and "F" in e.value.message
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"", 400),
+    (b"definitely not an image", 400),
+    (jpeg_bytes(64, 64)[:300], 400),  # truncated JPEG
+])
+def test_bad_bytes_are_client_errors(data, status):
+    with pytest.raises(InputError) as e:
+        decode_image(data)
+    assert e.value.status == status
+    body = e.value.to_dict()
+    assert body["code"] == status and body["type"] and body["message"]
+
+
+def test_too_many_pixels_is_413_before_decoding():
+    data = _encode(Image.new("L", (5000, 5000)), "PNG")
+    with pytest.raises(InputError) as e:
+        decode_image(data, max_pixels=1_000_000)
+    assert e.value.status == 413 and "5000x5000" in e.value.message
+
+
+def test_spec_round_trips_and_validates():
+    spec = PreprocessSpec(resize_size=72, crop_size=64)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="crop_size"):
+        PreprocessSpec(resize_size=32, crop_size=64)
+    with pytest.raises(ValueError, match="interpolation"):
+        PreprocessSpec(interpolation="cubic-ish")
+
+
+def test_preprocess_accepts_non_rgb_pil_images():
+    spec = PreprocessSpec(resize_size=40, crop_size=32)
+    assert preprocess(Image.new("L", (50, 60), 128), spec).shape == (3, 32, 32)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-30, 30), min_size=2, max_size=12), st.integers(1, 12))
+def test_topk_is_sorted_and_sums_at_most_one(logits, k):
+    probs = softmax(np.array([logits]))[0]
+    labels = [f"c{i}" for i in range(len(logits))]
+    k = min(k, len(logits))
+    out = topk(probs, labels, k)
+    assert len(out) == k
+    ps = [o["probability"] for o in out]
+    assert ps == sorted(ps, reverse=True)
+    assert sum(ps) <= 1 + 1e-5
+    assert out[0]["label"] == labels[int(np.argmax(probs))] or ps[0] == ps[1]
+
+
+def test_labels_need_a_bijection_and_topk_is_validated():
+    assert labels_from_class_to_idx({"b": 1, "a": 0}) == ["a", "b"]
+    with pytest.raises(ValueError):
+        labels_from_class_to_idx({"a": 0, "b": 2})
+    assert parse_topk(None, 3, 5) == 3 and parse_topk(b"2", 3, 5) == 2
+    for bad in ("0", "6", "two"):
+        with pytest.raises(ValueError, match="allowed: 1..5"):
+            parse_topk(bad, 3, 5)

@@ -1,0 +1,132 @@
+"""``python -m training <command>``: one entry point for every stage before serving."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("training")
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.config import ConfigError, load_config
+    from training.train import train
+
+    try:
+        config = load_config(args.config, overrides, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(config, resume=args.resume)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_version
+
+    report = evaluate_version(args.model, device=args.device, batch_size=args.batch_size)
+    print(f"top1={report['top1']:.4f} top5={report['top5']:.4f} "
+          f"macro_f1={report['macro_f1']:.4f} ({report['num_samples']} images)")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from training.predict import predict_files
+
+    for path, preds in predict_files(args.images, args.model, args.topk):
+        print(path)
+        for p in preds:
+            print(f"  {p['label']:<24} {p['probability']:.4f}")
+    return 0
+
+
+def _sample_data(args: argparse.Namespace) -> int:
+    from training.sample_data import generate
+
+    summary = generate(args.root, examples_dir=args.examples, per_class=args.per_class,
+                       seed=args.seed)
+    print(summary)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export_cli
+
+    return export_cli(args)
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from training.archive import archive_cli
+
+    return archive_cli(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from training.demo import demo_cli
+
+    return demo_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a backbone into artifacts/<name>/v<N>",
+                       description="Any TrainConfig field can be overridden: --epochs 3 "
+                                   "--lr 1e-3 --arch resnet50 --data-dir path ...")
+    p.add_argument("--config", default="configs/sample.yaml", help="YAML config file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run from its last checkpoint")
+    p.set_defaults(func=_train, takes_overrides=True)
+
+    p = sub.add_parser("evaluate", help="re-run evaluation of a version, rewrite its reports")
+    p.add_argument("--model", default="artifacts/food/latest")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="print the top-k labels of images")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", default="artifacts/food/latest")
+    p.add_argument("--topk", type=int, default=3)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("sample-data", help="generate the synthetic sample dataset")
+    p.add_argument("root", nargs="?", default="data/sample")
+    p.add_argument("--examples", default="examples", help="where held-out examples go")
+    p.add_argument("--per-class", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_sample_data)
+
+    p = sub.add_parser("export", help="TorchScript + ONNX with parity checks")
+    p.add_argument("--model", default="artifacts/food/latest")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="also write model.int8.onnx (static QDQ quantization)")
+    p.add_argument("--min-agreement", type=float, default=0.98,
+                   help="refuse the int8 model under this top-1 agreement with float")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("archive", help="build model_store/<name>.mar for TorchServe")
+    p.add_argument("--model", default="artifacts/food/latest")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default=None)
+    p.add_argument("--name", default=None, help="model name inside the .mar")
+    p.add_argument("--export-path", default="model_store")
+    p.set_defaults(func=_archive)
+
+    p = sub.add_parser("demo", help="train, export, archive, serve with TorchServe, classify")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "takes_overrides", False):
+        return args.func(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.func(args)

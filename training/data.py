@@ -1,0 +1,223 @@
+"""Datasets, the train/val split and the transform presets.
+
+Every source (the sample, any ImageFolder tree, Food-101, Food-101 + extra classes) becomes
+the same thing: a list of ``(path, class_index)`` samples and a class list. Images are
+decoded by ``serving.preprocess.decode_image``, the decoder the servers use, and validated
+with the servers' preprocessing, so what the model is judged on is what it will be served.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from serving.preprocess import InputError, PreprocessSpec, decode_image, preprocess
+from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str, int]
+
+
+@dataclass
+class DataSplits:
+    """What training needs from the data: samples per split, class names, what was skipped."""
+
+    train: list[Sample]
+    val: list[Sample]
+    classes: list[str]
+    skipped: list[str] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+
+# ---------------------------------------------------------------- transform presets
+def train_transform(spec: PreprocessSpec, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    """Augmentation: RandomResizedCrop, horizontal flip, colour jitter, normalize."""
+    return T.Compose([
+        T.RandomResizedCrop(spec.crop_size, scale=tuple(scale),
+                            interpolation=T.InterpolationMode(spec.interpolation)),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def eval_transform(spec: PreprocessSpec):
+    """Validation: exactly the serving preprocessing (resize, center crop, normalize)."""
+    def transform(img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess(img, spec))
+    return transform
+
+
+# ---------------------------------------------------------------- datasets
+class ImageList(Dataset):
+    """``(path, label)`` samples decoded like the servers decode, then transformed.
+
+    A file that fails to decode mid-epoch (it passed the up-front scan) yields ``None`` and
+    is dropped by :func:`collate_skipping_none`, so a bad disk block never kills an epoch.
+    """
+
+    def __init__(self, samples: list[Sample], transform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            img = decode_image(Path(path).read_bytes())
+        except (OSError, InputError) as e:
+            log.warning("skipping %s: %s", path, e)
+            return None
+        return self.transform(img), label
+
+
+def collate_skipping_none(batch):
+    """Default collation over the samples that decoded."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
+
+
+def is_image(path: Path) -> bool:
+    """True when Pillow can identify and verify the file as an image."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:
+        return False
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def count_images_per_class(root: Path) -> dict[str, int]:
+    """Files per class directory of an ImageFolder tree (cheap: no decoding)."""
+    return {d.name: sum(1 for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
+            for d in _class_dirs(root)}
+
+
+def scan_image_folder(root: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """``root/<class>/**/<file>`` -> files per class, plus the files that are not images."""
+    per_class: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for d in _class_dirs(root):
+        files = sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
+        good = []
+        for f in files:
+            (good if is_image(f) else skipped).append(str(f))
+        per_class[d.name] = good
+    return per_class, skipped
+
+
+def _split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Stratified, seeded split: each class gives ``round(n * val_fraction)`` images to val,
+    at least one and never all of them. Done per class (not sklearn's train_test_split,
+    which refuses when the val split would have fewer images than there are classes)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in sorted(samples):
+        by_class.setdefault(s[1], []).append(s)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = rng.permutation(len(items))
+        n_val = min(max(1, round(len(items) * val_fraction)), len(items) - 1)
+        val += [items[i] for i in order[:n_val]]
+        train += [items[i] for i in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def _food101(root: str, split: str):
+    """Food-101 through torchvision, downloading (5 GB) on first use."""
+    from torchvision.datasets import Food101
+
+    try:
+        return Food101(root, split=split, download=True)
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot load Food-101 under {root!r}: {e}. It downloads once (about 5 GB) from "
+            f"data.vision.ee.ethz.ch; without internet, copy an extracted food-101/ folder "
+            f"(images/ and meta/) into {root!r}") from e
+
+
+def load_splits(config: TrainConfig) -> DataSplits:
+    """Build train/val samples for ``config``: its own split for Food-101, else stratified."""
+    skipped: list[str] = []
+    if config.dataset == "food101":
+        train_ds, test_ds = _food101(config.data_dir, "train"), _food101(config.data_dir, "test")
+        classes = list(train_ds.classes)
+        # Food101 keeps its file list in _image_files/_labels; it has no public accessor.
+        train = [(str(p), int(y)) for p, y in zip(train_ds._image_files, train_ds._labels)]
+        val = [(str(p), int(y)) for p, y in zip(test_ds._image_files, test_ds._labels)]
+        source = {"dataset": "food101", "root": config.data_dir, "split": "official train/test"}
+    else:
+        per_class, skipped = scan_image_folder(Path(config.data_dir))
+        classes = sorted(per_class)
+        samples = [(f, i) for i, c in enumerate(classes) for f in per_class[c]]
+        train, val = _split(samples, config.val_fraction, config.seed)
+        source = {"dataset": "imagefolder", "root": config.data_dir,
+                  "split": f"stratified {1 - config.val_fraction:.0%}/{config.val_fraction:.0%}"
+                           f" seed {config.seed}"}
+    if config.extra_data_dir:
+        extra, extra_skipped = scan_image_folder(Path(config.extra_data_dir))
+        skipped += extra_skipped
+        for name in sorted(extra):
+            if name not in classes:  # a folder named like an existing class joins it
+                classes.append(name)
+        idx = {c: i for i, c in enumerate(classes)}
+        extra_samples = [(f, idx[c]) for c in sorted(extra) for f in extra[c]]
+        extra_train, extra_val = _split(extra_samples, config.val_fraction, config.seed)
+        train, val = train + extra_train, val + extra_val
+        source["extra_data_dir"] = config.extra_data_dir
+    for path in skipped:
+        log.warning("skipped (not a readable image): %s", path)
+    if skipped:
+        log.warning("skipped %d file(s) that are not readable images", len(skipped))
+    source.update(num_classes=len(classes), num_train=len(train), num_val=len(val),
+                  num_skipped=len(skipped))
+    return DataSplits(train, val, classes, skipped, source)
+
+
+def make_loader(samples: list[Sample], transform, batch_size: int, workers: int,
+                shuffle: bool, generator: torch.Generator | None = None
+                ) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``samples``; ``generator`` makes shuffling and worker seeds
+    reproducible (the train loop re-seeds it every epoch, which is what makes resume exact).
+    Shuffled (training) loaders drop a ragged last batch: a batch of one breaks BatchNorm."""
+    return torch.utils.data.DataLoader(
+        ImageList(samples, transform), batch_size=batch_size, shuffle=shuffle,
+        drop_last=shuffle and len(samples) > batch_size,
+        num_workers=workers, generator=generator, collate_fn=collate_skipping_none,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_seed_worker if workers else None)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; numpy and random follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def dataset_summary(splits: DataSplits) -> dict:
+    """What model_config.json records about the data."""
+    return {**splits.source, "classes": splits.classes}

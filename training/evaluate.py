@@ -1,0 +1,184 @@
+"""Evaluation reports: ``evaluation.json``, ``confusion_matrix.png``, ``training_curves.png``,
+``predictions.csv``. Metrics come from scikit-learn; plots from matplotlib (headless)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+
+from serving.postprocess import softmax  # noqa: E402
+from training.version import atomic_write_bytes, write_json  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Above this many classes the confusion-matrix plot shows the most-confused subset only.
+MAX_PLOTTED_CLASSES = 25
+
+
+@torch.no_grad()
+def run_inference(model: torch.nn.Module, loader, device: torch.device
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and true labels (N,) over a loader, model in eval mode."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        if len(x) == 0:
+            continue
+        logits.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose true label is among the k highest logits."""
+    k = min(k, logits.shape[1])
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def compute_report(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """Top-1/top-5, macro and per-class precision/recall/F1, confusion matrix, best/worst."""
+    preds = logits.argmax(axis=1)
+    idx = list(range(len(classes)))
+    p, r, f1, support = precision_recall_fscore_support(labels, preds, labels=idx,
+                                                        zero_division=0)
+    macro = precision_recall_fscore_support(labels, preds, labels=idx, average="macro",
+                                            zero_division=0)
+    per_class = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
+                     "support": int(support[i])} for i, c in enumerate(classes)}
+    by_f1 = sorted(classes, key=lambda c: (-per_class[c]["f1"], c))
+    return {
+        "num_samples": int(len(labels)),
+        "accuracy": float((preds == labels).mean()),
+        "top1": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "macro_precision": float(macro[0]),
+        "macro_recall": float(macro[1]),
+        "macro_f1": float(macro[2]),
+        "per_class": per_class,
+        "best_classes": by_f1[:5],
+        "worst_classes": by_f1[::-1][:5],
+        "confusion_matrix": confusion_matrix(labels, preds, labels=idx).tolist(),
+    }
+
+
+def _save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    """Row-normalized confusion matrix; with many classes, the most-confused subset."""
+    cm = np.asarray(cm, dtype=float)
+    keep = np.arange(len(classes))
+    title = "Confusion matrix (row-normalized: recall on the diagonal)"
+    if len(classes) > MAX_PLOTTED_CLASSES:
+        errors = cm.sum(axis=1) - np.diag(cm) + cm.sum(axis=0) - np.diag(cm)
+        keep = np.sort(np.argsort(-errors, kind="stable")[:MAX_PLOTTED_CLASSES])
+        title += f"\n{MAX_PLOTTED_CLASSES} most-confused of {len(classes)} classes"
+    sub = cm[np.ix_(keep, keep)]
+    norm = sub / np.maximum(cm[keep].sum(axis=1, keepdims=True), 1)
+    n = len(keep)
+    size = max(5.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    names = [classes[i] for i in keep]
+    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    if n <= 15:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.005:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    _save_figure(fig, path)
+
+
+def plot_training_curves(history: list[dict], path: Path) -> None:
+    """Loss, accuracy and learning rate per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        axes[0].plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+        axes[1].plot(epochs, [h[key] for h in history], marker="o", label=label)
+    axes[2].plot(epochs, [h["lr"] for h in history], marker="o")
+    axes[2].set_yscale("log")
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    _save_figure(fig, path)
+
+
+def write_predictions_csv(samples: list[tuple[str, int]], logits: np.ndarray,
+                          classes: list[str], path: Path) -> None:
+    """One row per validation image: path, true label, predicted label, confidence."""
+    probs = softmax(logits)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "true_label", "predicted_label", "confidence"])
+    for (p, y), row in zip(samples, probs):
+        k = int(row.argmax())
+        w.writerow([p, classes[y], classes[k], f"{row[k]:.6f}"])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_reports(out_dir: Path, samples: list[tuple[str, int]], logits: np.ndarray,
+                  labels: np.ndarray, classes: list[str]) -> dict:
+    """Compute and write evaluation.json, confusion_matrix.png and predictions.csv."""
+    report = compute_report(logits, labels, classes)
+    write_json(out_dir / "evaluation.json", report)
+    plot_confusion_matrix(np.array(report["confusion_matrix"]), classes,
+                          out_dir / "confusion_matrix.png")
+    write_predictions_csv(samples, logits, classes, out_dir / "predictions.csv")
+    return report
+
+
+def read_validation_samples(version_dir: Path, class_to_idx: dict[str, int]
+                            ) -> list[tuple[str, int]]:
+    """The validation images a version was judged on, from its predictions.csv."""
+    with open(version_dir / "predictions.csv", newline="") as f:
+        return [(row["path"], class_to_idx[row["true_label"]]) for row in csv.DictReader(f)]
+
+
+def evaluate_version(model_path: str | Path, device: str = "auto", batch_size: int = 64
+                     ) -> dict:
+    """Re-run evaluation of a version on its validation images and rewrite its reports."""
+    from training.data import eval_transform, make_loader
+    from training.predict import load_eager_model
+    from training.train import pick_device
+
+    version_dir = Path(model_path).resolve()
+    model, version = load_eager_model(version_dir)
+    dev = pick_device(device)
+    samples = read_validation_samples(version_dir, version.class_to_idx)
+    missing = [p for p, _ in samples if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} validation image(s) of {version_dir} are gone, "
+                                f"e.g. {missing[0]}; regenerate or restore the dataset")
+    loader = make_loader(samples, eval_transform(version.spec), batch_size, workers=0,
+                         shuffle=False)
+    logits, labels = run_inference(model.to(dev), loader, dev)
+    report = write_reports(version_dir, samples, logits, labels, version.labels)
+    log.info("evaluated %s: top1 %.4f on %d images", version_dir, report["top1"],
+             report["num_samples"])
+    return report

@@ -1,0 +1,378 @@
+"""Export a model version to TorchScript and ONNX, refusing to write either unless it matches
+eager PyTorch on real images; optionally add a static int8 ONNX model.
+
+``python -m training export --model artifacts/food/latest [--quantize int8]`` writes
+``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into the version directory. Each file
+is written under a temporary name, checked, and only then renamed into place.
+
+ONNX uses torch's dynamo exporter (the default since torch 2.9; the TorchScript-based one is
+deprecated) with ``external_data=False`` so the weights stay inside the one ``.onnx`` file
+(fine below protobuf's 2 GB limit) and a dynamic batch dimension exported from a batch of 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from serving.preprocess import InputError, PreprocessSpec, preprocess_bytes
+from training.models import build_model
+from training.version import ModelVersion, load_version
+
+log = logging.getLogger(__name__)
+
+RTOL, ATOL = 1e-3, 1e-4
+PARITY_BATCH_SIZES = (1, 8)
+MAX_PARITY_IMAGES = 32
+MAX_CALIBRATION_IMAGES = 128
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class ExportError(RuntimeError):
+    """The export was refused (parity or quantization agreement broken); nothing written."""
+
+
+@dataclass
+class ParityResult:
+    """How far one runtime's logits are from eager PyTorch at one batch size."""
+
+    runtime: str
+    batch_size: int
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_mismatches: int
+    num_images: int
+    ok: bool
+
+    def __str__(self) -> str:
+        status = "ok" if self.ok else "FAILED"
+        return (f"{self.runtime:<11} batch {self.batch_size}: max|diff| {self.max_abs_diff:.3g}, "
+                f"max rel {self.max_rel_diff:.3g}, top-1 mismatches {self.top1_mismatches}/"
+                f"{self.num_images} (rtol {RTOL}, atol {ATOL}) {status}")
+
+
+@dataclass
+class ExportReport:
+    """What export wrote and the checks behind it."""
+
+    files: list[Path] = field(default_factory=list)
+    parity: list[ParityResult] = field(default_factory=list)
+    quantization: dict | None = None
+
+
+def load_eager(version: ModelVersion) -> nn.Module:
+    """The version's eager model in eval mode, from its weights-only ``model.pth``."""
+    config = version.config
+    model = build_model(config["arch"], int(config["num_classes"]), weights="none")
+    state = torch.load(version.path / "model.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _resolve(path: str, version: ModelVersion) -> Path | None:
+    """A path from predictions.csv/model_config.json: as written, else relative to the data
+    root or the version directory."""
+    candidates = [Path(path)]
+    root = dataset_root(version)
+    if root is not None:
+        candidates.append(root / path)
+    candidates.append(version.path / path)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def dataset_root(version: ModelVersion) -> Path | None:
+    """The data directory the version was trained on, when its config says so."""
+    dataset = version.config.get("dataset")
+    if isinstance(dataset, str):
+        return Path(dataset)
+    if isinstance(dataset, dict):
+        for key in ("root", "data_dir", "path"):
+            if dataset.get(key):
+                return Path(dataset[key])
+    return None
+
+
+def validation_images(version: ModelVersion) -> list[tuple[Path, str | None]]:
+    """(path, true label) of the version's validation images, from ``predictions.csv``."""
+    csv_path = version.path / "predictions.csv"
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    label_key = next((k for k in ("true_label", "label", "target", "true")
+                      if rows and k in rows[0]), None)
+    images = []
+    for row in rows:
+        path = _resolve(row.get("path", ""), version) if row.get("path") else None
+        if path is not None:
+            images.append((path, row.get(label_key) if label_key else None))
+    return images
+
+
+def training_images(version: ModelVersion, limit: int = MAX_CALIBRATION_IMAGES) -> list[Path]:
+    """Up to ``limit`` training images for int8 calibration: ``<data root>/train/<class>/*``
+    (or the whole data root), spread evenly over the sorted file list."""
+    root = dataset_root(version)
+    if root is None or not root.is_dir():
+        return []
+    base = root / "train" if (root / "train").is_dir() else root
+    files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) > limit:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).astype(int)]
+    return files
+
+
+def load_images(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
+    """Image files as one (N, 3, H, W) float32 batch with the serving preprocessing;
+    unreadable files are skipped with a warning."""
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(preprocess_bytes(Path(path).read_bytes(), spec))
+        except (InputError, OSError) as e:
+            log.warning("skipping %s: %s", path, e)
+    if not arrays:
+        raise ExportError("no readable images to check the exported models with")
+    return np.stack(arrays)
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Trace ``model`` to TorchScript (what TorchServe's torch.jit.load reads)."""
+    with warnings.catch_warnings():
+        # torch 2.14 marks torch.jit deprecated; TorchScript is still what TorchServe loads.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+    traced.save(str(path))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """ONNX with input ``input`` (N,3,H,W), output ``logits`` and a dynamic batch dim."""
+    import onnx
+
+    if example.shape[0] < 2:
+        raise ValueError("export ONNX from a batch of at least 2, or the batch dim may be fixed")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(model, (example,), str(path), input_names=["input"],
+                      output_names=["logits"], dynamic_shapes=({0: batch},), dynamo=True,
+                      external_data=False, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
+    module = torch.jit.load(str(path), map_location="cpu").eval()
+    with torch.inference_mode():
+        return module(torch.from_numpy(x)).numpy()
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits from ONNX Runtime, fed ``batch_size`` images at a time."""
+    session = _ort_session(path)
+    return np.concatenate([session.run(["logits"], {"input": x[i:i + batch_size]})[0]
+                           for i in range(0, len(x), batch_size)])
+
+
+def compare(runtime: str, batch_size: int, reference: np.ndarray,
+            got: np.ndarray) -> ParityResult:
+    """Parity of ``got`` against eager logits: allclose(rtol, atol) and identical top-1."""
+    diff = np.abs(got - reference)
+    rel = diff / np.maximum(np.abs(reference), 1e-12)
+    mismatches = int((got.argmax(1) != reference.argmax(1)).sum())
+    ok = bool(np.allclose(got, reference, rtol=RTOL, atol=ATOL)) and mismatches == 0
+    return ParityResult(runtime, batch_size, float(diff.max()), float(rel.max()), mismatches,
+                        len(reference), ok)
+
+
+def check_parity(model: nn.Module, ts_path: Path, onnx_path: Path,
+                 images: np.ndarray) -> list[ParityResult]:
+    """TorchScript and ONNX Runtime against eager PyTorch at batch 1 and batch 8."""
+    ts_module = torch.jit.load(str(ts_path), map_location="cpu").eval()
+    session = _ort_session(onnx_path)
+    results = []
+    for bs in PARITY_BATCH_SIZES:
+        chunks = [images[i:i + bs] for i in range(0, len(images), bs)]
+        with torch.inference_mode():
+            eager = np.concatenate([model(torch.from_numpy(c)).numpy() for c in chunks])
+            scripted = np.concatenate([ts_module(torch.from_numpy(c)).numpy() for c in chunks])
+        onnx_out = np.concatenate([session.run(["logits"], {"input": c})[0] for c in chunks])
+        results.append(compare("torchscript", bs, eager, scripted))
+        results.append(compare("onnxruntime", bs, eager, onnx_out))
+    return results
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over preprocessed training images, one at a time."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self._iter = iter(images)
+
+    def get_next(self) -> dict | None:
+        image = next(self._iter, None)
+        return None if image is None else {"input": image[None]}
+
+
+def quantize_int8(onnx_path: Path, out_path: Path, calibration: np.ndarray,
+                  validation: np.ndarray, labels: np.ndarray | None,
+                  min_agreement: float) -> dict:
+    """Static QDQ int8 quantization calibrated on ``calibration``; writes ``out_path`` only if
+    top-1 agreement with the float model on ``validation`` is at least ``min_agreement``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    tmp_pre = out_path.with_name(f".{out_path.stem}.pre.onnx")
+    tmp_out = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        quant_pre_process(str(onnx_path), str(tmp_pre), skip_symbolic_shape=True)
+        quantize_static(str(tmp_pre), str(tmp_out), _Calibration(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        float_top1 = run_onnx(onnx_path, validation, 8).argmax(1)
+        int8_top1 = run_onnx(tmp_out, validation, 8).argmax(1)
+        report = {"agreement": float((float_top1 == int8_top1).mean()),
+                  "num_images": len(validation),
+                  "calibration_images": len(calibration),
+                  "min_agreement": float(min_agreement)}
+        if labels is not None:
+            report["float_accuracy"] = float((float_top1 == labels).mean())
+            report["int8_accuracy"] = float((int8_top1 == labels).mean())
+        if report["agreement"] < min_agreement:
+            raise ExportError(f"int8 top-1 agreement {report['agreement']:.2%} with the float "
+                              f"model is under --min-agreement {min_agreement:.2%}; "
+                              f"{out_path.name} not written")
+        os.replace(tmp_out, out_path)
+        return report
+    finally:
+        tmp_pre.unlink(missing_ok=True)
+        tmp_out.unlink(missing_ok=True)
+
+
+def log_to_mlflow(version: ModelVersion, onnx_path: Path, files: list[Path],
+                  example: np.ndarray, logits: np.ndarray) -> None:
+    """Log the ONNX model (with a signature) and the exported files into the version's MLflow
+    run, under ``version/`` so the registered model carries them; warn and go on if that
+    fails."""
+    run_id = version.config.get("mlflow_run_id")
+    if not run_id:
+        log.warning("no mlflow_run_id in %s/model_config.json: exported files not logged to "
+                    "MLflow", version.path)
+        return
+    try:
+        import mlflow
+        import onnx
+        from mlflow.models import infer_signature
+
+        uri = version.config.get("mlflow_tracking_uri")
+        if uri:
+            mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx",
+                                  signature=infer_signature(example, logits))
+            for path in files:
+                mlflow.log_artifact(str(path), "version")
+    except Exception as e:  # noqa: BLE001 (tracking is a record, not a precondition)
+        log.warning("could not log the export to MLflow run %s: %s", run_id, e)
+
+
+def export_version(model_dir: str | Path, images: list[Path] | None = None,
+                   quantize: str | None = None, min_agreement: float = 0.98,
+                   calibration_images: list[Path] | None = None,
+                   labels: list[str | None] | None = None) -> ExportReport:
+    """Write ``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into ``model_dir``.
+
+    ``images`` are the parity (and int8 validation) images; by default the version's
+    validation images from ``predictions.csv``. ``calibration_images`` default to the
+    training images of the version's dataset, then to the validation images. Raises
+    :class:`ExportError` (nothing written) when parity or int8 agreement fails.
+    """
+    version = load_version(model_dir)
+    spec = version.spec
+    if images is None:
+        val = validation_images(version)[:MAX_PARITY_IMAGES]
+        images = [p for p, _ in val]
+        labels = [label for _, label in val]
+    if not images:
+        raise ExportError(f"no validation images for parity: {version.path}/predictions.csv "
+                          f"lists none that exist; pass images explicitly")
+    batch = load_images(images[:MAX_PARITY_IMAGES], spec)
+    if len(batch) < max(PARITY_BATCH_SIZES):  # batch 8 needs 8 images: cycle the ones we have
+        batch = np.resize(batch, (max(PARITY_BATCH_SIZES), *batch.shape[1:]))
+    model = load_eager(version)
+    example = torch.from_numpy(batch[:2].copy())
+
+    report = ExportReport()
+    ts_path, onnx_path = version.path / "model.ts", version.path / "model.onnx"
+    tmp_ts = version.path / ".model.ts.tmp"
+    tmp_onnx = version.path / ".model.tmp.onnx"
+    try:
+        export_torchscript(model, example, tmp_ts)
+        export_onnx(model, example, tmp_onnx)
+        report.parity = check_parity(model, tmp_ts, tmp_onnx, batch)
+        if not all(r.ok for r in report.parity):
+            raise ExportError("parity check failed, model.ts/model.onnx not written:\n"
+                              + "\n".join(str(r) for r in report.parity))
+        os.replace(tmp_ts, ts_path)
+        os.replace(tmp_onnx, onnx_path)
+    finally:
+        tmp_ts.unlink(missing_ok=True)
+        tmp_onnx.unlink(missing_ok=True)
+    report.files = [ts_path, onnx_path]
+
+    if quantize == "int8":
+        calibration_images = calibration_images or training_images(version) or images
+        calibration = load_images(calibration_images[:MAX_CALIBRATION_IMAGES], spec)
+        truth = None
+        if labels and all(label is not None for label in labels[:len(batch)]):
+            index = version.class_to_idx
+            truth = np.array([index.get(label, -1) for label in labels[:len(batch)]])
+            if len(truth) != len(batch):
+                truth = None
+        report.quantization = quantize_int8(onnx_path, version.path / "model.int8.onnx",
+                                            calibration, batch, truth, min_agreement)
+        report.files.append(version.path / "model.int8.onnx")
+    elif quantize is not None:
+        raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported")
+
+    with torch.inference_mode():
+        logits = model(example).numpy()
+    log_to_mlflow(version, onnx_path, report.files, example.numpy(), logits)
+    return report
+
+
+def export_cli(args) -> int:
+    """``python -m training export``: print the parity table; exit 1 when refused."""
+    try:
+        report = export_version(args.model, quantize=args.quantize,
+                                min_agreement=args.min_agreement)
+    except ExportError as e:
+        print(f"export refused: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for result in report.parity:
+        print(result)
+    if report.quantization:
+        q = report.quantization
+        line = (f"int8: top-1 agreement with float {q['agreement']:.2%} on {q['num_images']} "
+                f"images (calibrated on {q['calibration_images']})")
+        if "int8_accuracy" in q:
+            line += f", val accuracy int8 {q['int8_accuracy']:.2%} / float "
+            line += f"{q['float_accuracy']:.2%}"
+        print(line)
+    for path in report.files:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
