@@ -50,8 +50,9 @@ archive: $(STAMP)
 	$(PY) -m training archive --model $(MODEL) $(if $(FORMAT),--format $(FORMAT)) $(ARGS)
 
 serve: $(STAMP)
-	torchserve --start --ts-config $(TS_CONFIG) --models food=food.mar --ncs --disable-token-auth
-	$(PY) -m training wait-ready http://127.0.0.1:8080/ping
+	torchserve --start --ts-config $(TS_CONFIG) --models food=food.mar --ncs
+	@for i in $$(seq 120); do $(PY) serve_config/healthcheck.py 2>/dev/null && exit 0; sleep 1; done; \
+	  echo "TorchServe did not answer /ping within 120s: see logs/" >&2; exit 1
 
 stop: $(STAMP)
 	torchserve --stop

@@ -264,11 +264,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _image_from_request(request: Request, body: bytes) -> bytes:
-    """The image bytes of a raw body or of a multipart/form field (``data``, ``body``, ``file``)."""
+async def _image_from_request(request: Request, body: bytes) -> tuple[bytes, str | None]:
+    """The image bytes of a raw body or of a multipart/form field (``data``, ``body``, ``file``),
+    and the form's ``topk`` field if it has one."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        return body
+        return body, None
 
     async def replay() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
@@ -279,14 +280,16 @@ async def _image_from_request(request: Request, body: bytes) -> bytes:
         raise InputError(f"cannot parse the multipart body: {e}", 400,
                          "InvalidMultipart") from e
     try:
-        fields = list(form.keys())
+        topk = form.get("topk")
+        fields = [f for f in form.keys() if f != "topk"]
         name = next((f for f in _MULTIPART_FIELDS if f in form),
                     fields[0] if len(fields) == 1 else None)
         if name is None:
             raise InputError(f"multipart body has fields {fields}; send the image in a field "
                              f"named 'data'", 400, "InvalidMultipart")
         value = form[name]
-        return await value.read() if hasattr(value, "read") else value.encode()
+        data = await value.read() if hasattr(value, "read") else value.encode()
+        return data, topk if isinstance(topk, str) else None
     finally:
         await form.close()
 
@@ -446,13 +449,16 @@ def create_app(predictors: list[Predictor], config: ServerConfig | None = None) 
 
     async def predictions(request: Request, name: str, version: str | None) -> Response:
         async def work(predictor: Predictor) -> tuple[Response, int]:
+            body = await _read_body(request, config.max_body_bytes)
+            data, form_topk = await _image_from_request(request, body)
+            # ?topk= first; TorchServe drops query strings before its handler, so the
+            # X-TopK header and a multipart "topk" field work on both servers.
+            requested = request.query_params.get("topk") or request.headers.get("x-topk") \
+                or form_topk
             try:
-                k = parse_topk(request.query_params.get("topk"), predictor.default_topk,
-                               len(predictor.labels))
+                k = parse_topk(requested, predictor.default_topk, len(predictor.labels))
             except ValueError as e:
                 raise InputError(str(e), 400, "InvalidTopK") from e
-            body = await _read_body(request, config.max_body_bytes)
-            data = await _image_from_request(request, body)
             [(row, batch)] = await infer_images(predictor, [data])
             return _json_bytes([p.to_dict() for p in predictor.answer(row, k)]), batch
 

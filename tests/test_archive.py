@@ -42,7 +42,7 @@ def test_mar_is_self_contained(exported, tmp_path, fmt, model_file):
     assert serving["batchSize"] >= 1 and serving["maxBatchDelay"] >= 0
     assert serving["minWorkers"] >= 1 and serving["responseTimeout"] > 0
     assert serving["handler"]["topk"] == 3  # from the version's model_config.json
-    assert "captum" not in handler_src and "torch.load(" not in handler_src
+    assert "import captum" not in handler_src and "torch.load(" not in handler_src
 
 
 def test_name_override_and_missing_export(exported, tmp_path, tiny_version):

@@ -134,6 +134,13 @@ def test_raw_body_and_multipart_answer_like_the_predictor(server, predictors, sa
         other_field = requests.post(f"{server.url}/predictions/food/v1",
                                     files={"file": ("x.jpg", image)}, timeout=30)
         assert other_field.json() == expected_json(v1, image)
+        # TorchServe drops ?topk= before the handler: the header and form field work on both.
+        header = requests.put(f"{server.url}/predictions/food", data=image,
+                              headers={"X-TopK": "1"}, timeout=30)
+        assert header.json() == expected_json(v2, image, 1)
+        form_field = requests.post(f"{server.url}/predictions/food", data={"topk": "2"},
+                                   files={"data": ("x.jpg", image)}, timeout=30)
+        assert form_field.json() == expected_json(v2, image, 2)
 
 
 def test_versions_and_models(server, predictors, versions):

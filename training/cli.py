@@ -68,14 +68,28 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_cli(args)
 
 
+def _config_help() -> str:
+    from dataclasses import MISSING, fields
+
+    from training.config import TrainConfig
+
+    lines = ["config keys (YAML) = overrides (--key value), with their defaults:"]
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {default}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a backbone into artifacts/<name>/v<N>",
-                       description="Any TrainConfig field can be overridden: --epochs 3 "
-                                   "--lr 1e-3 --arch resnet50 --data-dir path ...")
+                       description="Train per a YAML config; every config key can be "
+                                   "overridden on the command line (--epochs 3 --lr 1e-3).",
+                       epilog=_config_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/sample.yaml", help="YAML config file")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run from its last checkpoint")

@@ -1,0 +1,159 @@
+"""What the benchmarks run on: test images and exported model versions, built once into
+``benchmarks/scratch`` and reused.
+
+Latency does not depend on the weights, so the backbones are measured as random-weight
+versions at the production preprocessing (resize 256, crop 224, 101 classes like Food-101):
+ImageNet weights and Food-101 cannot be downloaded here. Their BatchNorm statistics are set
+from a few real images so activations (and int8 calibration ranges) are of a realistic
+scale. int8 *agreement* does depend on the weights, so it is measured on a trained version
+(``artifacts/food/latest`` by default) when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRATCH = REPO / "benchmarks" / "scratch"
+BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50")
+NUM_CLASSES = 101
+RESIZE, CROP = 256, 224
+PHONE_SIZE = (4000, 3000)
+
+
+def bench_images(scratch: Path = SCRATCH) -> dict[str, list[Path]]:
+    """``{"small": [five ~500x375 JPEGs], "phone": [one 4000x3000 JPEG], "train": [...]}``.
+
+    The small ones are the sample generator's held-out examples; the phone one is an example
+    upscaled with a little noise (decoding cost grows with pixels, not with content).
+    """
+    from training.sample_data import generate
+
+    sample, images = scratch / "sample", scratch / "images"
+    if not (images / "pizza.jpg").is_file() or not sample.is_dir():
+        shutil.rmtree(sample, ignore_errors=True)
+        generate(sample, examples_dir=images, per_class=24, seed=0)
+    phone = images / "phone_4000x3000.jpg"
+    if not phone.is_file():
+        rng = np.random.default_rng(0)
+        big = np.asarray(Image.open(images / "pizza.jpg").convert("RGB")
+                         .resize(PHONE_SIZE, Image.BICUBIC), dtype=np.float32)
+        big = np.clip(big + rng.normal(0, 4, big.shape), 0, 255).astype(np.uint8)
+        tmp = phone.with_suffix(".tmp.jpg")
+        Image.fromarray(big).save(tmp, format="JPEG", quality=85)
+        tmp.replace(phone)
+    small = sorted(p for p in images.glob("*.jpg") if p != phone)
+    train = sorted(sample.rglob("*.jpg"))
+    return {"small": small, "phone": [phone], "train": train, "sample_root": [sample]}
+
+
+def _calibrate_batchnorm(model, images: np.ndarray) -> None:
+    """Set BatchNorm running statistics from real images (train-mode forward passes)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(images), 8):
+            chunk = images[start:start + 8]
+            if len(chunk) > 1:
+                model(torch.from_numpy(chunk))
+    model.eval()
+
+
+def backbone_version(arch: str, images: list[Path], root: Path = SCRATCH / "models",
+                     int8: bool = True, resize: int = RESIZE, crop: int = CROP,
+                     num_classes: int = NUM_CLASSES) -> Path:
+    """``root/<arch>/v1``: a random-weight version with model.ts, model.onnx (and
+    model.int8.onnx), exported and parity-checked by ``training.export``; reused if there."""
+    from serving.preprocess import PreprocessSpec
+    from training.export import export_version, load_images
+
+    path = root / f"{arch}-{crop}" / "v1"
+    wanted = ["model.ts", "model.onnx"] + (["model.int8.onnx"] if int8 else [])
+    if all((path / f).is_file() for f in wanted):
+        return path
+    import torch
+
+    from training.models import build_model
+    from training.version import create_version, make_model_config, write_json
+
+    shutil.rmtree(path.parent, ignore_errors=True)
+    spec = PreprocessSpec(resize_size=resize, crop_size=crop)
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes, weights="none")
+    batch = load_images(images, spec)
+    _calibrate_batchnorm(model, np.concatenate([batch, batch[..., ::-1].copy()]))
+    class_to_idx = {f"class_{i:03d}": i for i in range(num_classes)}
+
+    def write(tmp: Path, number: int) -> None:
+        torch.save(model.state_dict(), tmp / "model.pth")
+        write_json(tmp / "class_to_idx.json", class_to_idx)
+        write_json(tmp / "model_config.json",
+                   make_model_config("food", number, arch, class_to_idx, spec, topk=5,
+                                     weights="random (benchmark)"))
+
+    path = create_version(root / f"{arch}-{crop}", write)
+    log.info("exporting %s to %s", arch, path)
+    # Random weights give near-ties, so int8 agreement here means nothing: accept any.
+    export_version(path, images=images, quantize="int8" if int8 else None, min_agreement=0.0,
+                   calibration_images=images)
+    return path
+
+
+def int8_view(version: Path) -> Path:
+    """A sibling version directory whose ``model.onnx`` is the int8 model, for servers and
+    predictors that load ``model.onnx``."""
+    view = version.parent.parent / f"{version.parent.name}-int8" / version.name
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("class_to_idx.json", "model_config.json"):
+        shutil.copyfile(version / name, view / name)
+    shutil.copyfile(version / "model.int8.onnx", view / "model.onnx")
+    return view
+
+
+def int8_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
+    """Top-1 agreement of int8 against float32 ONNX on a trained version's validation images.
+
+    The version is copied to scratch and exported there (the original is not touched); its
+    int8 model is calibrated on its training images, as ``make export`` would.
+    """
+    from training.export import export_version, load_images, run_onnx, validation_images
+    from training.version import load_version
+
+    if trained is None or not (Path(trained) / "model_config.json").is_file():
+        return {"measured": False,
+                "why": f"no trained version at {trained}: run `make train` first"}
+    source = load_version(trained)
+    copy = scratch / "trained" / f"{source.name}-v{source.version}"
+    if not (copy / "model.int8.onnx").is_file():
+        shutil.rmtree(copy, ignore_errors=True)
+        copy.mkdir(parents=True)
+        for f in source.path.iterdir():
+            if f.is_file() and f.suffix in {".pth", ".json", ".csv"}:
+                shutil.copyfile(f, copy / f.name)
+        export_version(copy, quantize="int8", min_agreement=0.0)
+    version = load_version(copy)
+    val = validation_images(version)
+    if not val:
+        return {"measured": False, "why": f"{trained} lists no validation images"}
+    x = load_images([p for p, _ in val], version.spec)
+    float_top1 = run_onnx(copy / "model.onnx", x, 8).argmax(1)
+    int8_top1 = run_onnx(copy / "model.int8.onnx", x, 8).argmax(1)
+    index = version.class_to_idx
+    truth = np.array([index.get(label, -1) for _, label in val])
+    return {"measured": True, "version": str(source.path), "arch": version.config["arch"],
+            "crop": version.spec.crop_size, "num_images": int(len(x)),
+            "agreement": round(float((float_top1 == int8_top1).mean()), 4),
+            "float_accuracy": round(float((float_top1 == truth).mean()), 4),
+            "int8_accuracy": round(float((int8_top1 == truth).mean()), 4)}
