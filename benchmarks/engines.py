@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import report
 from benchmarks.timing import measure
-from benchmarks.versions import BACKBONES, SCRATCH, backbone_version, bench_images, \
-    int8_agreement
+from benchmarks.versions import BACKBONES, SCRATCH, backbone_version, bench_images, int8_agreement
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,15 @@ def bench_engines(versions: dict[str, Path], images: list[Path], threads: int,
         spec = load_version(version).spec
         pool = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in images])
         for engine in ENGINES:
-            run = _runner(engine, version, threads)
+            infer = _runner(engine, version, threads)
             for bs in BATCH_SIZES:
                 x = np.ascontiguousarray(np.resize(pool, (bs, *pool.shape[1:])))
-                stats = measure(lambda: run(x), items_per_call=bs, warmup=2 if quick else 5,
+                stats = measure(partial(infer, x), items_per_call=bs, warmup=2 if quick else 5,
                                 iters=15 if quick else 40, repeats=3,
                                 max_seconds=6 if quick else 20)
                 rows.append({"arch": arch, "engine": engine, "batch": bs, **stats})
                 log.info("%s %s batch %d: p50 %.1f ms, %.1f img/s", arch, engine, bs,
                          stats["p50_ms"], stats["items_per_s"])
-            del run
     return rows
 
 
@@ -95,9 +94,9 @@ def bench_preprocess(small: Path, phone: Path, quick: bool) -> list[dict]:
             size = f"{img.width}x{img.height}"
         for draft in (False, True):
             draft_size = spec.resize_size if draft else None
-            for step, fn in (("decode", lambda: decode_image(data, draft_size=draft_size)),
+            for step, fn in (("decode", partial(decode_image, data, draft_size=draft_size)),
                              ("decode+preprocess",
-                              lambda: preprocess_bytes(data, spec, draft=draft))):
+                              partial(preprocess_bytes, data, spec, draft=draft))):
                 stats = measure(fn, warmup=1 if label == "phone" else 3,
                                 iters=(5 if quick else 15) if label == "phone" else 40,
                                 repeats=3, max_seconds=6 if quick else 15)

@@ -38,12 +38,12 @@ def machine() -> dict:
             versions[name] = None
     try:
         java = subprocess.run(["java", "-version"], capture_output=True, text=True,
-                              timeout=20).stderr.splitlines()[0]
+                              timeout=20, check=False).stderr.splitlines()[0]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         java = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, cwd=RESULTS.parent).stdout.strip()
+                                text=True, timeout=10, cwd=RESULTS.parent, check=False).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = None
     return {"cpu": cpu, "cores": os.cpu_count(),
@@ -203,25 +203,25 @@ def markdown(result: dict, png: Path | None = None) -> str:
                            _fmt(r["p99_ms"])] for r in engines["preprocess"]])]
         a = engines.get("int8_agreement") or {}
         if a.get("measured"):
-            parts += ["", f"int8 agreement: top-1 {a['agreement']:.2%} of {a['num_images']} "
+            parts += ["", (f"int8 agreement: top-1 {a['agreement']:.2%} of {a['num_images']} "
                           f"validation images of {a['version']} ({a['arch']}, crop {a['crop']});"
                           f" accuracy float {a['float_accuracy']:.2%}, int8 "
-                          f"{a['int8_accuracy']:.2%}."]
+                          f"{a['int8_accuracy']:.2%}.")]
         else:
             parts += ["", f"int8 agreement: not measured ({a.get('why', '')})."]
     serving = result.get("serving")
     if serving:
-        parts += ["", f"## Servers over HTTP ({serving.get('image', '')}, "
-                      f"{serving.get('threads')} threads per server)", ""]
+        parts += ["", (f"## Servers over HTTP ({serving.get('image', '')}, "
+                      f"{serving.get('threads')} threads per server)"), ""]
         parts += [f"- **{s['name']}**: {json.dumps(s.get('settings', {}))}"
                   + (f" — FAILED: {s['error']}" if s.get("error") else "")
                   for s in serving["servers"]]
         c = serving.get("ceiling") or {}
         if c:
-            parts += [f"- **in-process ceiling** (Predictor, {c.get('threads')} threads): "
+            parts += [(f"- **in-process ceiling** (Predictor, {c.get('threads')} threads): "
                       f"single image p50 {_fmt(c.get('single_p50_ms'))} ms, batch "
                       f"{c.get('batch')} throughput {_fmt(c.get('throughput_images_per_s'))}"
-                      f" images/s (decode + preprocess + inference)"]
+                      f" images/s (decode + preprocess + inference)")]
         rows = [[s["name"], r["concurrency"], _fmt(r["p50_ms"]), _fmt(r["p95_ms"]),
                  _fmt(r["p99_ms"]), _fmt(r["rps"]), r["errors"]]
                 for s in serving["servers"] for r in s.get("closed", [])]
@@ -240,16 +240,16 @@ def markdown(result: dict, png: Path | None = None) -> str:
         if serving.get("tuning"):
             rows = [[t["server"], t["setting"], _fmt(t["p50_ms"]), _fmt(t["p99_ms"]),
                      _fmt(t["rps"]), t["errors"]] for t in serving["tuning"]]
-            parts += ["", f"### Tuning (closed loop, concurrency "
-                          f"{serving.get('tuning_concurrency')})", "",
+            parts += ["", (f"### Tuning (closed loop, concurrency "
+                          f"{serving.get('tuning_concurrency')})"), "",
                       _table(["server", "setting", "p50 ms", "p99 ms", "req/s", "errors"],
                              rows)]
         if png is not None:
             parts += ["", f"![latency vs throughput]({png.name})"]
     training = result.get("training")
     if training:
-        parts += ["", f"## Training loop ({training.get('threads')} threads, "
-                      f"{training.get('workers')} loader workers)", "",
+        parts += ["", (f"## Training loop ({training.get('threads')} threads, "
+                      f"{training.get('workers')} loader workers)"), "",
                   _table(["backbone", "crop", "batch", "images/s", "data-loading share",
                           "steps"],
                          [[r["arch"], r["crop"], r["batch_size"],

@@ -67,7 +67,6 @@ def train_steps(arch: str, samples: list, num_classes: int, setting: dict, steps
             wait, compute, seen = wait + w, compute + c, seen + n
         rates.append(seen / (wait + compute))
         shares.append(wait / (wait + compute))
-    del batches
     rate = median_spread(rates)
     return {"arch": arch, "crop": setting["crop"], "batch_size": setting["batch_size"],
             "images_per_s": rate["median"], "images_per_s_spread": [rate["min"], rate["max"]],

@@ -153,7 +153,7 @@ def int8_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
     index = version.class_to_idx
     truth = np.array([index.get(label, -1) for _, label in val])
     return {"measured": True, "version": str(source.path), "arch": version.config["arch"],
-            "crop": version.spec.crop_size, "num_images": int(len(x)),
+            "crop": version.spec.crop_size, "num_images": len(x),
             "agreement": round(float((float_top1 == int8_top1).mean()), 4),
             "float_accuracy": round(float((float_top1 == truth).mean()), 4),
             "int8_accuracy": round(float((int8_top1 == truth).mean()), 4)}

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import loadgen, report, serving, servers
+from benchmarks import loadgen, report, servers, serving
 from benchmarks.timing import measure, median_spread, summarize
 from tests.conftest import free_port
 
@@ -49,7 +49,7 @@ class _Failing(BaseHTTPRequestHandler):
 
     mode = "500"
 
-    def do_POST(self):  # noqa: N802 (http.server naming)
+    def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         body = b'{"code": 500}' if self.mode == "500" else b"<html>oops</html>"
         self.send_response(500 if self.mode == "500" else 200)
@@ -147,9 +147,9 @@ def test_run_against_our_server_writes_json_table_and_plot(onnx_version, sample_
 
 @pytest.mark.integration
 def test_server_that_dies_at_startup_is_reported(tmp_path):
-    with pytest.raises(RuntimeError, match="exited"):
-        with servers.onnx_server(tmp_path / "missing", tmp_path / "logs", timeout=60):
-            pass
+    with pytest.raises(RuntimeError, match="exited"), \
+            servers.onnx_server(tmp_path / "missing", tmp_path / "logs", timeout=60):
+        pass
 
 
 def test_engines_rows_for_a_tiny_exported_version(tiny_version, sample_images, tmp_path):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -300,6 +304,26 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(image_root, tmp_pat
     assert ma["val_acc"] == mb["val_acc"] and ma["epochs_run"] == mb["epochs_run"] == 3
     with pytest.raises(RuntimeError, match="already finished"):
         train_mod.train(config, resume=True)
+
+    # kill -9 of a real training process after its first checkpoint, then --resume
+    killed = tmp_path / "c"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in {
+        **TINY, "epochs": 3, "data_dir": image_root, "artifacts_dir": killed / "artifacts",
+        "checkpoint_dir": killed / "checkpoints"}.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "training", "train", "--config",
+                             str(_repo() / "configs/sample.yaml"), *args], cwd=_repo(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoints" / "food" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert train_mod.load_checkpoint(ckpt)["epoch"] < 3, "the run ended before the kill"
+    assert cli_main(["train", "--config", str(_repo() / "configs/sample.yaml"), "--resume",
+                     "--checkpoint-dir", str(killed / "checkpoints")]) == 0
+    c = torch.load(killed / "artifacts" / "food" / "v1" / "model.pth", weights_only=True)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_checkpoint_round_trip_restores_rng(tmp_path):

@@ -164,11 +164,13 @@ def evaluate_version(model_path: str | Path, device: str = "auto", batch_size: i
                      ) -> dict:
     """Re-run evaluation of a version on its validation images and rewrite its reports."""
     from training.data import eval_transform, make_loader
-    from training.predict import load_eager_model
+    from training.predict import load_eager
+    from training.version import load_version
     from training.train import pick_device
 
     version_dir = Path(model_path).resolve()
-    model, version = load_eager_model(version_dir)
+    version = load_version(version_dir)
+    model = load_eager(version)
     dev = pick_device(device)
     samples = read_validation_samples(version_dir, version.class_to_idx)
     missing = [p for p, _ in samples if not Path(p).is_file()]

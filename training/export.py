@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from serving.preprocess import InputError, PreprocessSpec, preprocess_bytes
-from training.models import build_model
+from training.predict import load_eager
 from training.version import ModelVersion, load_version
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ RTOL, ATOL = 1e-3, 1e-4
 PARITY_BATCH_SIZES = (1, 8)
 MAX_PARITY_IMAGES = 32
 MAX_CALIBRATION_IMAGES = 128
+MAX_INT8_EVAL_IMAGES = 2000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -69,63 +70,32 @@ class ExportReport:
     quantization: dict | None = None
 
 
-def load_eager(version: ModelVersion) -> nn.Module:
-    """The version's eager model in eval mode, from its weights-only ``model.pth``."""
-    config = version.config
-    model = build_model(config["arch"], int(config["num_classes"]), weights="none")
-    state = torch.load(version.path / "model.pth", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _resolve(path: str, version: ModelVersion) -> Path | None:
-    """A path from predictions.csv/model_config.json: as written, else relative to the data
-    root or the version directory."""
-    candidates = [Path(path)]
-    root = dataset_root(version)
-    if root is not None:
-        candidates.append(root / path)
-    candidates.append(version.path / path)
-    return next((p for p in candidates if p.is_file()), None)
-
-
 def dataset_root(version: ModelVersion) -> Path | None:
-    """The data directory the version was trained on, when its config says so."""
-    dataset = version.config.get("dataset")
-    if isinstance(dataset, str):
-        return Path(dataset)
-    if isinstance(dataset, dict):
-        for key in ("root", "data_dir", "path"):
-            if dataset.get(key):
-                return Path(dataset[key])
-    return None
+    """The data directory the version was trained on (``dataset.root`` in its config)."""
+    root = (version.config.get("dataset") or {}).get("root")
+    return Path(root) if root else None
 
 
-def validation_images(version: ModelVersion) -> list[tuple[Path, str | None]]:
-    """(path, true label) of the version's validation images, from ``predictions.csv``."""
+def validation_images(version: ModelVersion) -> list[tuple[Path, str]]:
+    """(path, true label) of the version's validation images that still exist, from the
+    ``predictions.csv`` training wrote."""
     csv_path = version.path / "predictions.csv"
     if not csv_path.is_file():
         return []
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    label_key = next((k for k in ("true_label", "label", "target", "true")
-                      if rows and k in rows[0]), None)
-    images = []
-    for row in rows:
-        path = _resolve(row.get("path", ""), version) if row.get("path") else None
-        if path is not None:
-            images.append((path, row.get(label_key) if label_key else None))
-    return images
+    return [(Path(r["path"]), r["true_label"]) for r in rows if Path(r["path"]).is_file()]
 
 
 def training_images(version: ModelVersion, limit: int = MAX_CALIBRATION_IMAGES) -> list[Path]:
-    """Up to ``limit`` training images for int8 calibration: ``<data root>/train/<class>/*``
-    (or the whole data root), spread evenly over the sorted file list."""
+    """Up to ``limit`` images of the version's dataset that are not validation images, spread
+    evenly over the sorted file list: the int8 calibration set."""
     root = dataset_root(version)
     if root is None or not root.is_dir():
         return []
-    base = root / "train" if (root / "train").is_dir() else root
-    files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    held_out = {p.resolve() for p, _ in validation_images(version)}
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in held_out)
     if len(files) > limit:
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).astype(int)]
     return files
@@ -275,9 +245,6 @@ def log_to_mlflow(version: ModelVersion, onnx_path: Path, files: list[Path],
         import onnx
         from mlflow.models import infer_signature
 
-        uri = version.config.get("mlflow_tracking_uri")
-        if uri:
-            mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
             mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx",
                                   signature=infer_signature(example, logits))
@@ -301,9 +268,7 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
     version = load_version(model_dir)
     spec = version.spec
     if images is None:
-        val = validation_images(version)[:MAX_PARITY_IMAGES]
-        images = [p for p, _ in val]
-        labels = [label for _, label in val]
+        images = [p for p, _ in validation_images(version)[:MAX_PARITY_IMAGES]]
     if not images:
         raise ExportError(f"no validation images for parity: {version.path}/predictions.csv "
                           f"lists none that exist; pass images explicitly")
@@ -332,16 +297,18 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
     report.files = [ts_path, onnx_path]
 
     if quantize == "int8":
+        # Agreement and accuracy on the whole validation split (not just the parity batch):
+        # at 32 images one flipped answer would already be 3%.
+        val = validation_images(version)[:MAX_INT8_EVAL_IMAGES]
+        val_paths = [p for p, _ in val] or list(images)
+        truth = np.array([version.class_to_idx[label] for _, label in val]) if val else None
+        if labels is not None and not val:
+            truth = np.array([version.class_to_idx.get(label, -1) for label in labels])
         calibration_images = calibration_images or training_images(version) or images
         calibration = load_images(calibration_images[:MAX_CALIBRATION_IMAGES], spec)
-        truth = None
-        if labels and all(label is not None for label in labels[:len(batch)]):
-            index = version.class_to_idx
-            truth = np.array([index.get(label, -1) for label in labels[:len(batch)]])
-            if len(truth) != len(batch):
-                truth = None
         report.quantization = quantize_int8(onnx_path, version.path / "model.int8.onnx",
-                                            calibration, batch, truth, min_agreement)
+                                            calibration, load_images(val_paths, spec), truth,
+                                            min_agreement)
         report.files.append(version.path / "model.int8.onnx")
     elif quantize is not None:
         raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported")
