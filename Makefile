@@ -25,7 +25,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[train,serve,torchserve,dev]"
+	$(PY) -m pip install --quiet -e ".[train,serve,torchserve,bench,dev]"
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17: apt-get install -y openjdk-17-jre-headless" >&2; }
 	touch $(STAMP)
 
@@ -72,10 +72,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check training serving handlers benchmarks tests
 	hadolint Dockerfile
 
+# The harness's extra (aiohttp load generator, captum for TorchServe's stock handler) is
+# installed on first use. Reports go to benchmarks/results/<timestamp>.{json,md,-serving.png}.
 bench: $(STAMP)
+	$(PY) -c "import aiohttp, captum, matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m benchmarks --quick $(ARGS)
 
 bench-full: $(STAMP)
+	$(PY) -c "import aiohttp, captum, matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m benchmarks --full $(ARGS)
 
 mlflow-ui: $(STAMP)

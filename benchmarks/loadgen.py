@@ -82,7 +82,7 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration:
                            client_timeout)
 
         await asyncio.gather(*(warm(w) for w in range(concurrency)))
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         deadline = start + duration
         sent = 0
 
@@ -97,7 +97,8 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return _result("closed", latencies, errors, sent, wall, concurrency=concurrency)
+    return _result("closed", latencies, errors, sent, wall, time.process_time() - cpu0,
+                   concurrency=concurrency)
 
 
 async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float,
@@ -115,7 +116,7 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float,
     connector = aiohttp.TCPConnector(limit=max_connections)
     async with aiohttp.ClientSession(connector=connector) as session:
         await _one(session, url, bodies[0], Counter(), client_timeout)  # open a connection
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
 
         async def fire(i: int, intended: float) -> None:
             if await _one(session, url, bodies[i % len(bodies)], errors, client_timeout):
@@ -130,15 +131,20 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, duration: float,
             tasks.append(asyncio.create_task(fire(i, intended)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
-    return _result("open", latencies, errors, len(arrivals), wall, rate=rate)
+    return _result("open", latencies, errors, len(arrivals), wall, time.process_time() - cpu0,
+                   rate=rate)
 
 
 def _result(mode: str, latencies: list[float], errors: Counter, sent: int, wall: float,
-            **params) -> dict:
+            cpu: float, **params) -> dict:
+    """The run's summary; ``cpu`` is the client's own CPU time while measuring (on a small
+    machine the load generator competes with the server for the cores)."""
     ok = len(latencies)
     return {"mode": mode, **params, "sent": sent, "ok": ok,
             "errors": sum(errors.values()), "error_kinds": dict(errors),
             "wall_s": round(wall, 3), "rps": round(ok / wall, 2) if wall > 0 else 0.0,
+            "client_cpu_s": round(cpu, 3),
+            "client_cpu_ms_per_request": round(1000 * cpu / sent, 3) if sent else None,
             **summarize(latencies)}
 
 

@@ -50,7 +50,9 @@ def machine() -> dict:
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(),
             "platform": platform.platform(), "python": sys.version.split()[0],
-            "java": java, "versions": versions, "git_commit": commit or None}
+            "java": java, "versions": versions, "git_commit": commit or None,
+            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                                   "MKL_NUM_THREADS")}}
 
 
 def write_run(sections: dict, out_dir: Path, quick: bool, started: datetime | None = None,
@@ -127,6 +129,8 @@ def targets(result: dict) -> list[dict]:
                     "met": ok, "detail": detail})
 
     serving = result.get("serving") or {}
+    if not serving:
+        return _engine_targets(result, out, add)
     stock = _server(serving, "torchserve-stock")
     ours_onnx = _server(serving, "onnx-server-fp32")
     s16, o16 = _closed(stock, 16), _closed(ours_onnx, 16)
@@ -159,7 +163,13 @@ def targets(result: dict) -> list[dict]:
         add(f"TorchServe + our handler ({fmt}) vs stock, concurrency 16", ">= 4x", r,
             None if r is None else r >= 4,
             f"{ours['rps'] if ours else '-'} vs {s16['rps'] if s16 else '-'} req/s")
+    return _engine_targets(result, out, add)
+
+
+def _engine_targets(result: dict, out: list[dict], add) -> list[dict]:
     engines = result.get("engines") or {}
+    if not engines:
+        return out
     f8 = _engine(engines, "mobilenet_v2", "onnx_fp32", 8)
     q8 = _engine(engines, "mobilenet_v2", "onnx_int8", 8)
     r = (q8["items_per_s"] / f8["items_per_s"]) if f8 and q8 else None
@@ -172,7 +182,7 @@ def targets(result: dict) -> list[dict]:
             agreement["agreement"], agreement["agreement"] >= 0.98,
             f"{agreement['num_images']} images of {agreement['version']} "
             f"({agreement['arch']}, crop {agreement['crop']})")
-    elif engines:
+    else:
         add("int8 top-1 agreement with float32 (validation images)", ">= 0.98", None, None,
             agreement.get("why", ""))
     return out
@@ -186,7 +196,8 @@ def markdown(result: dict, png: Path | None = None) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
              f"{m['platform']}, Python {m['python']}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-             + f". Load average before/after: {load['before'][0]:.2f} / {load['after'][0]:.2f}.",
+             + f". Load average before/after: {load['before'][0]:.2f} / {load['after'][0]:.2f}."
+             + f" Harness OMP_WAIT_POLICY={m.get('env', {}).get('OMP_WAIT_POLICY')}.",
              "", "Figures: median over repeated blocks, (min-max) in brackets where repeated."]
     engines = result.get("engines")
     if engines:

@@ -171,10 +171,10 @@ def torchserve_bin() -> str:
 
 @contextlib.contextmanager
 def torchserve(mar: Path, scratch: Path, name: str = "food", settings: dict | None = None,
-               extra_config: dict[str, str] | None = None,
+               extra_config: dict[str, str] | None = None, env_extra: dict[str, str] | None = None,
                timeout: float = 240.0) -> Iterator[Server]:
     """TorchServe serving one ``.mar`` with a private config; stopped (and its process group
-    killed) on exit."""
+    killed) on exit. ``env_extra`` reaches the Python workers (they inherit the environment)."""
     if scratch.exists():
         shutil.rmtree(scratch)
     store = scratch / "model_store"
@@ -183,11 +183,14 @@ def torchserve(mar: Path, scratch: Path, name: str = "food", settings: dict | No
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference",
                                       "grpc_management")}
     config = ts_config(scratch, store, ports, extra_config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    # TorchServe runs with its defaults: no TS_* overrides (make exports TS_CONFIG_FILE) and
+    # no OpenMP policy inherited from the harness, unless env_extra sets one.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("TS_") and k != "OMP_WAIT_POLICY"}
     tmp = scratch / "tmp"
     tmp.mkdir()
     env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(scratch / "logs"),
-               METRICS_LOCATION=str(scratch / "logs"))
+               METRICS_LOCATION=str(scratch / "logs"), **(env_extra or {}))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log_path = scratch / "torchserve.out"
     cmd = [torchserve_bin(), "--start", "--foreground", "--ts-config", str(config),
@@ -199,8 +202,11 @@ def torchserve(mar: Path, scratch: Path, name: str = "food", settings: dict | No
     management = f"http://{HOST}:{ports['management']}"
     try:
         wait_ready(lambda: _workers_ready(management, name), proc, timeout, log_path)
+        described = json.loads(_get(f"{management}/models/{name}")[1])[0]
+        settings = {**(settings or {}), "workers_running": len(described.get("workers", [])),
+                    "batchSize_running": described.get("batchSize")}
         yield Server(name, f"http://{HOST}:{ports['inference']}/predictions/{name}",
-                     settings or {}, log_path)
+                     settings, log_path)
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
             subprocess.run([torchserve_bin(), "--stop", "--foreground"], env=env, cwd=scratch,

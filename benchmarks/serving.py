@@ -8,6 +8,9 @@
 
     python -m benchmarks.serving [--quick|--full] [--server onnx-server-fp32 ...]
 
+--quick measures all but the TorchScript archive for 4 s per point; --full all five for 8 s,
+then the tuning sweep (:data:`TUNING`) at concurrency 16.
+
 Closed loop at concurrency 1, 4, 16, 64, then open loop at Poisson rates up to the best
 closed-loop rate, reporting the highest rate whose p99 stays under 100 ms with no errors. The
 load generator (``benchmarks.loadgen``) is a separate process; every server runs on free
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import report, servers
+from benchmarks import passive_openmp, report, servers
 from benchmarks.timing import measure
 from benchmarks.versions import SCRATCH, backbone_version, bench_images, int8_view
 
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SERVERS = ("torchserve-stock", "torchserve-ours-onnx", "torchserve-ours-torchscript",
            "onnx-server-fp32", "onnx-server-int8")
+QUICK_SERVERS = ("torchserve-stock", "torchserve-ours-onnx", "onnx-server-fp32",
+                 "onnx-server-int8")
 CONCURRENCIES = (1, 4, 16, 64)
 P99_LIMIT_MS = 100.0
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +66,7 @@ def loadgen(url: str, images: list[Path], mode: str, duration: float, timeout: f
 
 def load_server(name: str, url: str, images: list[Path], settings: dict | None = None,
                 concurrencies: tuple[int, ...] = CONCURRENCIES, duration: float = 5.0,
-                open_fractions: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0),
+                open_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
                 timeout: float = 30.0) -> dict:
     """Closed loop at each concurrency, then the open-loop sweep, against one running server.
 
@@ -168,15 +173,17 @@ def _torchserve_settings(mar: Path) -> dict:
 
 def start(kind: str, version: Path, scratch: Path, threads: int, **options):
     """A context manager running server ``kind`` on ``version``."""
+    env = options.pop("env", None)
     if kind == "torchserve-stock":
         mar = stock_mar(version, scratch / "mar" / "stock")
-        return servers.torchserve(mar, scratch / "ts-stock", settings=_torchserve_settings(mar))
+        return servers.torchserve(mar, scratch / "ts-stock", env_extra=env,
+                                  settings=_torchserve_settings(mar) | {"env": env})
     if kind.startswith("torchserve-ours-"):
         fmt = kind.removeprefix("torchserve-ours-")
-        tag = "-".join(f"{k}{v}" for k, v in sorted(options.items())) or "default"
+        tag = "-".join(f"{k}{v}" for k, v in sorted(options.items())) + f"-t{threads}"
         mar = ours_mar(version, fmt, scratch / "mar" / f"ours-{fmt}-{tag}", threads, **options)
-        return servers.torchserve(mar, scratch / f"ts-ours-{fmt}",
-                                  settings=_torchserve_settings(mar))
+        return servers.torchserve(mar, scratch / f"ts-ours-{fmt}", env_extra=env,
+                                  settings=_torchserve_settings(mar) | {"env": env})
     if kind == "onnx-server-fp32":
         return servers.onnx_server(version, scratch / "logs", threads=threads, **options)
     if kind == "onnx-server-int8":
@@ -197,6 +204,12 @@ TUNING = [  # (server, setting label, options): each runs closed loop at one con
     ("torchserve-ours-onnx", "1 worker x 2 threads, batch 8 (default)", {}),
     ("torchserve-ours-onnx", "2 workers x 1 thread, batch 8", {"workers": 2}),
     ("torchserve-ours-onnx", "1 worker, batch 1", {"batch_size": 1}),
+    ("torchserve-ours-torchscript", "1 worker x 2 threads (default)", {}),
+    ("torchserve-ours-torchscript", "1 worker x 2 threads, OMP_WAIT_POLICY=PASSIVE",
+     {"env": {"OMP_WAIT_POLICY": "PASSIVE"}}),
+    ("torchserve-ours-torchscript", "1 worker x 1 thread", {"threads": 1}),
+    ("torchserve-stock", "defaults + OMP_WAIT_POLICY=PASSIVE",
+     {"env": {"OMP_WAIT_POLICY": "PASSIVE"}}),
 ]
 
 
@@ -228,9 +241,9 @@ def run(quick: bool = True, kinds: list[str] | None = None, threads: int | None 
     from serving.predictor import default_threads
 
     threads = threads or default_threads()
-    kinds = kinds or list(SERVERS)
-    duration = 4.0 if quick else 15.0
-    fractions = (0.5, 0.75, 1.0) if quick else (0.3, 0.5, 0.7, 0.85, 1.0)
+    kinds = kinds or list(QUICK_SERVERS if quick else SERVERS)
+    duration = 4.0 if quick else 8.0
+    fractions = (0.25, 0.5, 0.75, 1.0) if quick else (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
     imgs = bench_images(scratch)
     images = imgs["small"]
     version = backbone_version("mobilenet_v2", images)
@@ -265,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuning", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the tuning sweep (default: only with --full)")
     args = p.parse_args(argv)
+    passive_openmp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     section = run(args.quick, args.server, args.threads, tuning=args.tuning)
     paths = report.write_run({"serving": section}, args.out, quick=args.quick)

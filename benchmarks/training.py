@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import passive_openmp, report
 from benchmarks.timing import median_spread
 from benchmarks.versions import BACKBONES, SCRATCH, bench_images
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", action="append", choices=BACKBONES)
     p.add_argument("--workers", type=int, default=2, help="data loader workers")
     args = p.parse_args(argv)
+    passive_openmp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     section = run(args.quick, args.arch, args.threads, workers=args.workers)
     paths = report.write_run({"training": section}, args.out, quick=args.quick)

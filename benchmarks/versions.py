@@ -11,6 +11,7 @@ scale. int8 *agreement* does depend on the weights, so it is measured on a train
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -129,7 +130,7 @@ def int8_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
     int8 model is calibrated on its training images, as ``make export`` would.
     """
     from training.export import export_version, load_images, run_onnx, validation_images
-    from training.version import load_version
+    from training.version import load_version, write_json
 
     if trained is None or not (Path(trained) / "model_config.json").is_file():
         return {"measured": False,
@@ -142,6 +143,10 @@ def int8_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
         for f in source.path.iterdir():
             if f.is_file() and f.suffix in {".pth", ".json", ".csv"}:
                 shutil.copyfile(f, copy / f.name)
+        # The copy is not the registered model: keep export from logging into its MLflow run.
+        config = json.loads((copy / "model_config.json").read_text())
+        config.pop("mlflow_run_id", None)
+        write_json(copy / "model_config.json", config)
         export_version(copy, quantize="int8", min_agreement=0.0)
     version = load_version(copy)
     val = validation_images(version)

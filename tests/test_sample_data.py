@@ -29,7 +29,7 @@ def small_set(tmp_path_factory) -> tuple[Path, Path, str]:
 
 
 def test_imagefolder_layout_sizes_and_summary(small_set):
-    root, examples, summary = small_set
+    root, _, summary = small_set
     assert sorted(p.name for p in root.iterdir()) == sorted(CLASSES)
     for label in CLASSES:
         files = sorted(p.name for p in (root / label).iterdir())
@@ -113,7 +113,7 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [], "an interrupted run must leave nothing behind"
 
 
-def test_classes_are_not_separable_by_colour_alone(small_set, tmp_path):
+def test_classes_are_not_separable_by_colour_alone(tmp_path):
     """A nearest-centroid rule on the mean colour must do poorly: shape has to matter."""
     generate(tmp_path / "data", examples_dir=tmp_path / "ex", per_class=16, seed=3)
     feats, labels = [], []

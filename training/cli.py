@@ -44,8 +44,12 @@ def _predict(args: argparse.Namespace) -> int:
 def _sample_data(args: argparse.Namespace) -> int:
     from training.sample_data import generate
 
-    summary = generate(args.root, examples_dir=args.examples, per_class=args.per_class,
-                       seed=args.seed)
+    try:
+        summary = generate(args.root, examples_dir=args.examples, per_class=args.per_class,
+                           seed=args.seed)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(summary)
     return 0
 
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-data", help="generate the synthetic sample dataset")
     p.add_argument("root", nargs="?", default="data/sample")
     p.add_argument("--examples", default="examples", help="where held-out examples go")
-    p.add_argument("--per-class", type=int, default=120)
+    p.add_argument("--per-class", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_sample_data)
 

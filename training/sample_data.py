@@ -93,10 +93,10 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
         a = rng.uniform(0, np.pi)
         u = (x * math.cos(a) + y * math.sin(a)) / max(w, h)
         warp = 3 * _smooth_noise(rng, w, h, 5)
-        tex = 22 * np.sin(u * rng.uniform(25, 60) + warp)[..., None]
+        tex = 15 * np.sin(u * rng.uniform(25, 60) + warp)[..., None]
     elif kind == 2:  # checked tablecloth
         cell = rng.uniform(0.08, 0.2) * min(w, h)
-        other = np.asarray(_pick(rng, TABLES, 25), dtype=np.float32)
+        other = (base + np.asarray(_pick(rng, TABLES, 25), dtype=np.float32)) / 2
         checks = ((x // cell + y // cell) % 2)[..., None]
         return _lit(rng, base * (1 - checks) + other * checks, x, y, w, h)
     else:  # stone / marble
@@ -147,9 +147,9 @@ def _pizza(rng: np.random.Generator, d: ImageDraw.ImageDraw, s: int) -> None:
         d.polygon(_blob(rng, c + rr * math.cos(t), c + rr * math.sin(t), size, size * 0.7,
                         rng.uniform(0, np.pi), 0.35), fill=_jitter(rng, cheese, 10))
     topping = _pick(rng, [(150, 30, 30), (120, 20, 25), (40, 40, 40), (70, 120, 40)])
-    for _ in range(int(rng.integers(5, 12))):
-        rr, t = r * 0.68 * math.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
-        tr = r * rng.uniform(0.07, 0.11)
+    for _ in range(int(rng.integers(5, 11))):
+        rr, t = r * 0.66 * math.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+        tr = r * rng.uniform(0.09, 0.13)
         _circle(d, c + rr * math.cos(t), c + rr * math.sin(t), tr,
                 fill=_jitter(rng, topping, 12), outline=_shade(topping, 0.7))
     if rng.random() < 0.5:  # cut into slices
@@ -196,7 +196,7 @@ def _salad(rng: np.random.Generator, d: ImageDraw.ImageDraw, s: int) -> None:
     c = s / 2
     inner = _bowl(rng, d, s, s * 0.48) if rng.random() < 0.75 else s * 0.42
     extras = REDS + [(240, 200, 40), (120, 40, 110), (240, 240, 220), (230, 140, 40)]
-    for k in range(int(rng.integers(45, 80))):
+    for k in range(int(rng.integers(40, 65))):
         rr, t = inner * 0.9 * math.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
         x, y = c + rr * math.cos(t), c + rr * math.sin(t)
         if k % 4 == 3:  # tomato, pepper, onion, egg ... pieces
@@ -205,7 +205,7 @@ def _salad(rng: np.random.Generator, d: ImageDraw.ImageDraw, s: int) -> None:
             d.polygon(_blob(rng, x, y, g, g * rng.uniform(0.6, 1), rng.uniform(0, np.pi),
                             0.15, 12), fill=col, outline=_shade(col, 0.7))
         else:  # a leaf
-            g = inner * rng.uniform(0.12, 0.24)
+            g = inner * rng.uniform(0.15, 0.28)
             col = _pick(rng, GREENS, 25)
             ang = rng.uniform(0, np.pi)
             d.polygon(_blob(rng, x, y, g, g * rng.uniform(0.35, 0.6), ang, 0.25, 14),
@@ -226,8 +226,8 @@ def _sushi(rng: np.random.Generator, d: ImageDraw.ImageDraw, s: int) -> None:
         _plate(rng, d, s, s * 0.48)
         w = h = s * 0.3
     rows = int(rng.integers(1, 3)) if h < w * 0.8 else 2
-    cols = int(rng.integers(3, 5))
-    r = min(w / cols, h / rows) * rng.uniform(0.8, 0.95)
+    cols = int(rng.integers(2, 4))
+    r = min(w / cols, h / rows) * rng.uniform(0.85, 0.98)
     nori = _jitter(rng, (25, 35, 25), 10)
     rice = _jitter(rng, (240, 238, 228), 8)
     for i in range(rows):
@@ -256,10 +256,10 @@ def _sushi(rng: np.random.Generator, d: ImageDraw.ImageDraw, s: int) -> None:
 def _pancakes(rng: np.random.Generator, d: ImageDraw.ImageDraw, s: int) -> None:
     c = s / 2
     _plate(rng, d, s, s * 0.48)
-    n = int(rng.integers(3, 7))
+    n = int(rng.integers(3, 6))
     rx = s * rng.uniform(0.3, 0.38)
     ry = rx * rng.uniform(0.45, 0.75)  # seen at an angle
-    thick = s * rng.uniform(0.035, 0.055)
+    thick = s * rng.uniform(0.05, 0.07)
     cake = _pick(rng, BROWNS)
     top_y = c + (n - 1) * thick / 2
     for k in range(n):  # bottom up: edge band, then the top face
