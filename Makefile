@@ -50,7 +50,7 @@ archive: $(STAMP)
 	$(PY) -m training archive --model $(MODEL) $(if $(FORMAT),--format $(FORMAT)) $(ARGS)
 
 serve: $(STAMP)
-	torchserve --start --ts-config $(TS_CONFIG) --models food=food.mar --ncs
+	OMP_WAIT_POLICY=PASSIVE torchserve --start --ts-config $(TS_CONFIG) --models food=food.mar --ncs
 	@for i in $$(seq 120); do $(PY) serve_config/healthcheck.py 2>/dev/null && exit 0; sleep 1; done; \
 	  echo "TorchServe did not answer /ping within 120s: see logs/" >&2; exit 1
 
@@ -75,11 +75,9 @@ lint: $(STAMP)
 # The harness's extra (aiohttp load generator, captum for TorchServe's stock handler) is
 # installed on first use. Reports go to benchmarks/results/<timestamp>.{json,md,-serving.png}.
 bench: $(STAMP)
-	$(PY) -c "import aiohttp, captum, matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m benchmarks --quick $(ARGS)
 
 bench-full: $(STAMP)
-	$(PY) -c "import aiohttp, captum, matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m benchmarks --full $(ARGS)
 
 mlflow-ui: $(STAMP)

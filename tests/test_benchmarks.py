@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from benchmarks import loadgen, report, servers, serving
 from benchmarks.timing import measure, median_spread, summarize
-from tests.conftest import free_port
+from conftest import free_port
 
 
 # ------------------------------------------------------------------ statistics
