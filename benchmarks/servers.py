@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.archive import tool
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -161,12 +163,7 @@ def _workers_ready(management: str, name: str) -> bool:
 
 
 def torchserve_bin() -> str:
-    """The ``torchserve`` launcher next to this Python, else on PATH."""
-    local = Path(sys.executable).parent / "torchserve"
-    found = str(local) if local.exists() else shutil.which("torchserve")
-    if not found:
-        raise RuntimeError("torchserve not found: pip install -e '.[torchserve]'")
-    return found
+    return tool("torchserve")
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ class PreprocessSpec:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         """Build from the ``preprocessing`` section of ``model_config.json``."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -120,7 +120,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                          "InvalidImage") from e
     try:
         img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block should not cost the user the prediction
+    except Exception:  # noqa: BLE001, S110 - a broken EXIF block must not cost the prediction
         pass
     return to_rgb(img)
 
@@ -160,8 +160,8 @@ def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     if (new_w, new_h) != img.size:
         img = img.resize((new_w, new_h), _INTERPOLATIONS[spec.interpolation])
     c = spec.crop_size
-    top = int(round((new_h - c) / 2.0))
-    left = int(round((new_w - c) / 2.0))
+    top = round((new_h - c) / 2.0)
+    left = round((new_w - c) / 2.0)
     return img.crop((left, top, left + c, top + c))
 
 

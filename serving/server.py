@@ -281,7 +281,7 @@ async def _image_from_request(request: Request, body: bytes) -> tuple[bytes, str
                          "InvalidMultipart") from e
     try:
         topk = form.get("topk")
-        fields = [f for f in form.keys() if f != "topk"]
+        fields = [f for f in form if f != "topk"]
         name = next((f for f in _MULTIPART_FIELDS if f in form),
                     fields[0] if len(fields) == 1 else None)
         if name is None:

@@ -9,12 +9,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import loadgen, report, servers, serving
 from benchmarks.timing import measure, median_spread, summarize
-from conftest import free_port
 
 
 # ------------------------------------------------------------------ statistics

@@ -6,15 +6,20 @@ import io
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
 
 from serving.postprocess import labels_from_class_to_idx, parse_topk, softmax, topk
-from serving.preprocess import (InputError, PreprocessSpec, decode_image, preprocess,
-                                preprocess_bytes)
-from conftest import jpeg_bytes
+from serving.preprocess import (
+    InputError,
+    PreprocessSpec,
+    decode_image,
+    preprocess,
+    preprocess_bytes,
+)
 
 
 def torchvision_eval(spec: PreprocessSpec):

@@ -54,13 +54,18 @@ def serving_yaml(version: ModelVersion, base: Path = MODEL_CONFIG_YAML) -> dict:
     return config
 
 
-def model_archiver() -> str:
-    """The ``torch-model-archiver`` executable next to this Python, else on PATH."""
-    local = Path(sys.executable).parent / "torch-model-archiver"
-    found = str(local) if local.exists() else shutil.which("torch-model-archiver")
+def tool(name: str) -> str:
+    """A console script (``torch-model-archiver``, ``torchserve``) next to this Python, else on
+    PATH, so the commands work from ``.venv`` without activating it."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise ArchiveError("torch-model-archiver not found: pip install -e '.[torchserve]'")
+        raise ArchiveError(f"{name} not found: pip install -e '.[torchserve]'")
     return found
+
+
+def model_archiver() -> str:
+    return tool("torch-model-archiver")
 
 
 def build_archive(model_dir: str | Path, fmt: str = DEFAULT_FORMAT, name: str | None = None,

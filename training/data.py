@@ -101,7 +101,7 @@ def is_image(path: Path) -> bool:
         with Image.open(path) as img:
             img.verify()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds; any of them means "not an image"
         return False
 
 

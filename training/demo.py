@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from training.archive import build_archive
+from training.archive import build_archive, tool
 from training.export import export_version
 
 MODEL = Path("artifacts/food/latest")
@@ -24,9 +24,7 @@ READY_TIMEOUT_S = 180
 
 
 def torchserve() -> str:
-    """The ``torchserve`` launcher of this environment (works without activating .venv)."""
-    local = Path(sys.executable).parent / "torchserve"
-    return str(local) if local.exists() else "torchserve"
+    return tool("torchserve")
 
 
 def run(*args: str) -> None:
@@ -38,8 +36,11 @@ def run(*args: str) -> None:
 
 def classify(path: Path, base: str = INFERENCE, timeout: float = 30) -> tuple[int, object]:
     """PUT one image to /predictions/food, like ``curl -T``; (status, parsed JSON)."""
+    # urllib would label the body form-urlencoded, which TorchServe's frontend answers with
+    # a 500 before any handler runs; say it is raw bytes, as curl -T does in effect.
     request = urllib.request.Request(f"{base}/predictions/food", data=path.read_bytes(),
-                                     method="PUT")
+                                     method="PUT",
+                                     headers={"Content-Type": "application/octet-stream"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.load(response)

@@ -11,13 +11,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from serving.postprocess import softmax  # noqa: E402
-from training.version import atomic_write_bytes, write_json  # noqa: E402
+from serving.postprocess import softmax
+from training.version import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def compute_report(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -
                      "support": int(support[i])} for i, c in enumerate(classes)}
     by_f1 = sorted(classes, key=lambda c: (-per_class[c]["f1"], c))
     return {
-        "num_samples": int(len(labels)),
+        "num_samples": len(labels),
         "accuracy": float((preds == labels).mean()),
         "top1": topk_accuracy(logits, labels, 1),
         "top5": topk_accuracy(logits, labels, 5),
@@ -165,8 +165,8 @@ def evaluate_version(model_path: str | Path, device: str = "auto", batch_size: i
     """Re-run evaluation of a version on its validation images and rewrite its reports."""
     from training.data import eval_transform, make_loader
     from training.predict import load_eager
-    from training.version import load_version
     from training.train import pick_device
+    from training.version import load_version
 
     version_dir = Path(model_path).resolve()
     version = load_version(version_dir)

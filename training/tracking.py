@@ -38,7 +38,7 @@ class Tracker:
             return None
         try:
             return fn(*args, **kwargs)
-        except Exception as e:  # any tracking failure: say so once, keep training
+        except Exception as e:  # noqa: BLE001 - any tracking failure: say so once, keep training
             self.enabled = False
             log.warning("MLflow tracking disabled for the rest of this run: could not %s "
                         "(%s: %s). Training continues; set MLFLOW_TRACKING_URI to a reachable "
@@ -71,6 +71,8 @@ class Tracker:
                            version_number, val_acc)
 
     def _register(self, model_name: str, version_number: int, val_acc: float) -> int:
+        from mlflow.exceptions import MlflowException
+
         client = self._mlflow.MlflowClient()
         if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
             client.create_registered_model(model_name, description="Food-image classifier")
@@ -87,8 +89,8 @@ class Tracker:
         try:
             champ = client.get_model_version_by_alias(model_name, CHAMPION)
             champion_acc = float(champ.tags.get("val_acc", "nan"))
-        except Exception:  # no champion yet
-            pass
+        except MlflowException:
+            log.info("%s has no %s yet", model_name, CHAMPION)
         if champion_acc is None or not champion_acc >= val_acc:
             client.set_registered_model_alias(model_name, CHAMPION, mv.version)
             log.info("%s version %s is the new %s (val_acc %.4f, previous %s)", model_name,

@@ -25,8 +25,14 @@ from torch import nn
 from tqdm import tqdm
 
 from training.config import TrainConfig
-from training.data import (DataSplits, dataset_summary, eval_transform, load_splits,
-                           make_loader, train_transform)
+from training.data import (
+    DataSplits,
+    dataset_summary,
+    eval_transform,
+    load_splits,
+    make_loader,
+    train_transform,
+)
 from training.evaluate import plot_training_curves, run_inference, write_reports
 from training.models import build_model, count_parameters
 from training.tracking import Tracker
@@ -73,7 +79,7 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
                              timeout=5, cwd=Path(__file__).parent)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

@@ -12,9 +12,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from serving.postprocess import labels_from_class_to_idx
 from serving.preprocess import PreprocessSpec
