@@ -8,6 +8,7 @@ with the servers' preprocessing, so what the model is judged on is what it will 
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from dataclasses import dataclass, field
@@ -55,11 +56,14 @@ def train_transform(spec: PreprocessSpec, scale: tuple[float, float] = (0.08, 1.
     ])
 
 
+def _eval_tensor(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    return torch.from_numpy(preprocess(img, spec))
+
+
 def eval_transform(spec: PreprocessSpec):
-    """Validation: exactly the serving preprocessing (resize, center crop, normalize)."""
-    def transform(img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(preprocess(img, spec))
-    return transform
+    """Validation: exactly the serving preprocessing (resize, center crop, normalize).
+    A partial, not a closure, so DataLoader workers can pickle it on spawn platforms."""
+    return functools.partial(_eval_tensor, spec=spec)
 
 
 # ---------------------------------------------------------------- datasets
