@@ -21,7 +21,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from serving.postprocess import labels_from_class_to_idx, parse_topk, softmax, topk
-from serving.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode_image, preprocess
+from serving.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, preprocess, preprocess_bytes
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,10 @@ def _read_mar(path: Path) -> tuple[bytes, dict, dict]:
     with archive:
         names = set(archive.namelist())
         if "model.onnx" not in names:
-            onnx_like = sorted(n for n in names if n.endswith(".onnx"))
-            if not onnx_like:
-                raise ValueError(
-                    f"{path} holds no ONNX model (files: {sorted(names)}); it is probably a "
-                    f"TorchScript archive. Build one with python -m training archive "
-                    f"--format onnx, or serve this one with TorchServe")
-            onnx_name = onnx_like[0]
-        else:
-            onnx_name = "model.onnx"
+            raise ValueError(
+                f"{path} holds no model.onnx (files: {sorted(names)}); it is probably a "
+                f"TorchScript archive. Build one with python -m training archive "
+                f"--format onnx, or serve this one with TorchServe")
         if "model_config.json" not in names:
             raise ValueError(f"{path} has no model_config.json (preprocessing spec)")
         config = json.loads(archive.read("model_config.json"))
@@ -112,7 +107,7 @@ def _read_mar(path: Path) -> tuple[bytes, dict, dict]:
             class_to_idx = {label: int(i) for i, label in index_to_name.items()}
         else:
             raise ValueError(f"{path} has neither index_to_name.json nor class_to_idx.json")
-        return archive.read(onnx_name), class_to_idx, config
+        return archive.read("model.onnx"), class_to_idx, config
 
 
 def _download_mlflow(uri: str) -> Path:
@@ -148,9 +143,6 @@ class Predictor:
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.output_name = self.session.get_outputs()[0].name
-        batch_dim = model_input.shape[0]
-        # A model exported with a fixed batch dimension is run in chunks of that size.
-        self.fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
         if len(self.labels) != int(config.get("num_classes", len(self.labels))):
             raise ValueError(f"{source}: {len(self.labels)} labels but model_config.json says "
                              f"num_classes={config['num_classes']}")
@@ -183,26 +175,13 @@ class Predictor:
         """Bytes, a path or a PIL image as the model's CHW float32 input (InputError if bad)."""
         if isinstance(image, Image.Image):
             return preprocess(image, self.spec)
-        if isinstance(image, (bytes, bytearray)):
-            data = bytes(image)
-        else:
-            data = Path(image).read_bytes()
-        return preprocess(decode_image(data, self.max_pixels), self.spec)
+        data = bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+        return preprocess_bytes(data, self.spec, self.max_pixels)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Run an (N, 3, H, W) float32 batch through the session: (N, C) float32 logits."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self.fixed_batch is None:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
-        chunks = []
-        for start in range(0, len(batch), self.fixed_batch):
-            chunk = batch[start:start + self.fixed_batch]
-            pad = self.fixed_batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-            out = self.session.run([self.output_name], {self.input_name: chunk})[0]
-            chunks.append(out[:len(out) - pad])
-        return np.concatenate(chunks)
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def answer(self, logits_row: np.ndarray, k: int | str | None = None) -> list[Prediction]:
         """One row of logits as the top-k records (softmax in float64, shared rounding)."""

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.metrics import ServerMetrics, start_metrics_server
 from serving.postprocess import parse_topk, softmax
 from serving.predictor import Predictor, default_threads
-from serving.preprocess import DEFAULT_MAX_PIXELS, InputError, decode_image, preprocess
+from serving.preprocess import DEFAULT_MAX_PIXELS, InputError, preprocess_bytes
 
 log = logging.getLogger("serving.server")
 access_log = logging.getLogger("serving.access")
@@ -294,10 +294,6 @@ async def _image_from_request(request: Request, body: bytes) -> tuple[bytes, str
         await form.close()
 
 
-def _preprocess(predictor: Predictor, data: bytes, max_pixels: int) -> np.ndarray:
-    return preprocess(decode_image(data, max_pixels), predictor.spec)
-
-
 def create_app(predictors: list[Predictor], config: ServerConfig | None = None) -> FastAPI:
     """A FastAPI app serving ``predictors`` with TorchServe's inference API and KServe v2."""
     config = config or ServerConfig()
@@ -366,8 +362,8 @@ def create_app(predictors: list[Predictor], config: ServerConfig | None = None) 
         async def one(data: bytes) -> tuple[np.ndarray, int]:
             with batcher.preparing_one():
                 start = time.perf_counter()
-                array = await loop.run_in_executor(pre_pool, _preprocess, predictor, data,
-                                                   config.max_pixels)
+                array = await loop.run_in_executor(pre_pool, preprocess_bytes, data,
+                                                   predictor.spec, config.max_pixels)
                 metrics.preprocess.labels(predictor.name, predictor.version).observe(
                     time.perf_counter() - start)
             return await batcher.submit(array)

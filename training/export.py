@@ -256,8 +256,7 @@ def log_to_mlflow(version: ModelVersion, onnx_path: Path, files: list[Path],
 
 def export_version(model_dir: str | Path, images: list[Path] | None = None,
                    quantize: str | None = None, min_agreement: float = 0.98,
-                   calibration_images: list[Path] | None = None,
-                   labels: list[str | None] | None = None) -> ExportReport:
+                   calibration_images: list[Path] | None = None) -> ExportReport:
     """Write ``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into ``model_dir``.
 
     ``images`` are the parity (and int8 validation) images; by default the version's
@@ -302,8 +301,6 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
         val = validation_images(version)[:MAX_INT8_EVAL_IMAGES]
         val_paths = [p for p, _ in val] or list(images)
         truth = np.array([version.class_to_idx[label] for _, label in val]) if val else None
-        if labels is not None and not val:
-            truth = np.array([version.class_to_idx.get(label, -1) for label in labels])
         calibration_images = calibration_images or training_images(version) or images
         calibration = load_images(calibration_images[:MAX_CALIBRATION_IMAGES], spec)
         report.quantization = quantize_int8(onnx_path, version.path / "model.int8.onnx",
