@@ -15,7 +15,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
-from benchmarks import engines, passive_openmp, report, serving, training
+from benchmarks import bench_engines, bench_serving, bench_training, passive_openmp, report
 
 SECTIONS = ("engines", "serving", "training")
 
@@ -23,10 +23,10 @@ SECTIONS = ("engines", "serving", "training")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    engines.add_common_args(p)
+    bench_engines.add_common_args(p)
     p.add_argument("--only", action="append", choices=SECTIONS,
                    help="run only these sections (default: all)")
-    p.add_argument("--server", action="append", choices=serving.SERVERS,
+    p.add_argument("--server", action="append", choices=bench_serving.SERVERS,
                    help="servers to measure (default: all)")
     args = p.parse_args(argv)
     passive_openmp()
@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     only = args.only or list(SECTIONS)
     sections = {}
     if "engines" in only:
-        sections["engines"] = engines.run(args.quick, threads=args.threads,
-                                          trained=args.trained)
+        sections["engines"] = bench_engines.run(args.quick, threads=args.threads,
+                                                trained=args.trained)
     if "serving" in only:
-        sections["serving"] = serving.run(args.quick, args.server, args.threads)
+        sections["serving"] = bench_serving.run(args.quick, args.server, args.threads)
     if "training" in only:
-        sections["training"] = training.run(args.quick, threads=args.threads)
+        sections["training"] = bench_training.run(args.quick, threads=args.threads)
     paths = report.write_run(sections, args.out, args.quick, started, load_before)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

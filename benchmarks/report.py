@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from training.version import atomic_write_bytes, write_json
+from serving.atomic import atomic_write, atomic_write_bytes, write_json
+from training.tracking import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "torchvision", "onnxruntime", "onnx", "torchserve", "numpy", "pillow",
@@ -41,16 +42,11 @@ def machine() -> dict:
                               timeout=20, check=False).stderr.splitlines()[0]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         java = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, cwd=RESULTS.parent, check=False).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
     return {"cpu": cpu, "cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(),
             "platform": platform.platform(), "python": sys.version.split()[0],
-            "java": java, "versions": versions, "git_commit": commit or None,
+            "java": java, "versions": versions, "git_commit": git_commit(),
             "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
                                                    "MKL_NUM_THREADS")}}
 
@@ -303,7 +299,7 @@ def plot_serving(serving: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from serving.atomic import atomic_write, write_json
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,29 +49,11 @@ def bench_images(scratch: Path = SCRATCH) -> dict[str, list[Path]]:
         big = np.asarray(Image.open(images / "pizza.jpg").convert("RGB")
                          .resize(PHONE_SIZE, Image.BICUBIC), dtype=np.float32)
         big = np.clip(big + rng.normal(0, 4, big.shape), 0, 255).astype(np.uint8)
-        tmp = phone.with_suffix(".tmp.jpg")
-        Image.fromarray(big).save(tmp, format="JPEG", quality=85)
-        tmp.replace(phone)
+        atomic_write(phone, lambda tmp: Image.fromarray(big).save(tmp, format="JPEG",
+                                                                  quality=85))
     small = sorted(p for p in images.glob("*.jpg") if p != phone)
     train = sorted(sample.rglob("*.jpg"))
     return {"small": small, "phone": [phone], "train": train, "sample_root": [sample]}
-
-
-def _calibrate_batchnorm(model, images: np.ndarray) -> None:
-    """Set BatchNorm running statistics from real images (train-mode forward passes)."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for start in range(0, len(images), 8):
-            chunk = images[start:start + 8]
-            if len(chunk) > 1:
-                model(torch.from_numpy(chunk))
-    model.eval()
 
 
 def backbone_version(arch: str, images: list[Path], root: Path = SCRATCH / "models",
@@ -86,15 +70,16 @@ def backbone_version(arch: str, images: list[Path], root: Path = SCRATCH / "mode
         return path
     import torch
 
-    from training.models import build_model
-    from training.version import create_version, make_model_config, write_json
+    from training.models import build_model, calibrate_batchnorm
+    from training.version import create_version, make_model_config
 
     shutil.rmtree(path.parent, ignore_errors=True)
     spec = PreprocessSpec(resize_size=resize, crop_size=crop)
     torch.manual_seed(0)
     model = build_model(arch, num_classes, weights="none")
     batch = load_images(images, spec)
-    _calibrate_batchnorm(model, np.concatenate([batch, batch[..., ::-1].copy()]))
+    mirrored = np.concatenate([batch, batch[..., ::-1].copy()])
+    calibrate_batchnorm(model, (mirrored[i:i + 8] for i in range(0, len(mirrored), 8)))
     class_to_idx = {f"class_{i:03d}": i for i in range(num_classes)}
 
     def write(tmp: Path, number: int) -> None:
@@ -130,7 +115,7 @@ def int8_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
     int8 model is calibrated on its training images, as ``make export`` would.
     """
     from training.export import export_version, load_images, run_onnx, validation_images
-    from training.version import load_version, write_json
+    from training.version import load_version
 
     if trained is None or not (Path(trained) / "model_config.json").is_file():
         return {"measured": False,

@@ -1,9 +1,11 @@
 """TorchServe handler for the food classifier: image bytes in, top-k dishes out.
 
-It follows TorchServe's handler contract (initialize, then handle -> preprocess, inference,
-postprocess) without the stock vision handler, which imports captum and unpickles eager
-models. The model is TorchScript (``model.ts``, torch.jit.load) or ONNX (``model.onnx``,
-ONNX Runtime); neither format unpickles arbitrary objects.
+It follows TorchServe's handler contract (initialize, then handle) without the stock vision
+handler, which imports captum and unpickles eager models. The model directory is read by
+``serving.artifacts`` and every answer is made by the ``serving.predictor`` stages (decode,
+infer, encode), exactly as in the ONNX server; a TorchScript model (``model.ts``) swaps only
+the infer stage for ``torch.jit``. The .mar carries that ``serving/`` package, so these
+imports are the same inside TorchServe and in the repository.
 
 Each request of a batch is answered on its own: a bad image gets its own 4xx status and the
 JSON ``{"code", "type", "message"}`` body through ``context.set_response_status(code, phrase,
@@ -13,21 +15,36 @@ idx)``, while the good images of the same batch run through the model together.
 from __future__ import annotations
 
 import http
+import io
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 
-try:  # inside the .mar: the shared modules sit next to this file, at the top level
-    import postprocess
-    import preprocess
-except ImportError:  # from the repository (tests): the same files in the serving package
-    from serving import postprocess, preprocess
+from serving.artifacts import read_model
+from serving.errors import InputError
+from serving.predictor import Predictor, ort_session, to_json
+from serving.preprocess import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+
+
+def torchscript_infer(model: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The infer stage run by TorchScript: (N, 3, H, W) float32 -> (N, C) logits."""
+    import torch
+
+    torch.set_num_threads(threads)
+    module = torch.jit.load(io.BytesIO(model), map_location="cpu").eval()
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch)).numpy()
+
+    return infer
 
 
 class FoodHandler:
@@ -35,51 +52,33 @@ class FoodHandler:
 
     def __init__(self) -> None:
         self.initialized = False
-        self.model = None
-        self.session = None
-        self.labels: list[str] = []
-        self.spec: preprocess.PreprocessSpec | None = None
-        self.default_topk = 5
-        self.max_pixels = preprocess.DEFAULT_MAX_PIXELS
+        self.predictor: Predictor | None = None
 
     def initialize(self, context) -> None:
-        """Read labels and the preprocessing spec from the model dir, then load the model."""
-        model_dir = context.system_properties["model_dir"]
-        with open(os.path.join(model_dir, "model_config.json")) as f:
-            config = json.load(f)
-        with open(os.path.join(model_dir, "index_to_name.json")) as f:
-            index_to_name = json.load(f)
-        self.labels = [index_to_name[str(i)] for i in range(len(index_to_name))]
-        self.spec = preprocess.PreprocessSpec.from_dict(config["preprocessing"])
-
+        """Read the model directory (labels, preprocessing spec, top-k), load the model."""
+        artifacts = read_model(context.system_properties["model_dir"])
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         handler_config = yaml_config.get("handler") or {}
-        self.default_topk = int(handler_config.get("topk") or config.get("topk", 5))
-        self.max_pixels = int(handler_config.get("max_pixels") or preprocess.DEFAULT_MAX_PIXELS)
+        topk = int(handler_config["topk"]) if handler_config.get("topk") else None
+        max_pixels = int(handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS)
         workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
         threads = int(handler_config.get("threads") or max(1, (os.cpu_count() or 1) // workers))
 
         serialized = context.manifest["model"]["serializedFile"]
-        model_path = os.path.join(model_dir, serialized)
         if serialized.endswith(".onnx"):
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            self.session = ort.InferenceSession(model_path, options,
-                                                providers=["CPUExecutionProvider"])
+            # ORT's own default (spinning threads) is what this handler has always run with.
+            session = ort_session(artifacts.model_bytes("onnx"), threads, spinning=True)
+            self.predictor = Predictor(artifacts, session, max_pixels, topk)
         else:
-            import torch
-
-            torch.set_num_threads(threads)
-            self.model = torch.jit.load(model_path, map_location="cpu").eval()
+            infer = torchscript_infer(artifacts.model_bytes("torchscript"), threads)
+            self.predictor = Predictor(artifacts, None, max_pixels, topk, infer=infer,
+                                       fmt="torchscript")
         log.info("loaded %s (%d classes, crop %d, %d threads for %d workers)", serialized,
-                 len(self.labels), self.spec.crop_size, threads, workers)
+                 len(artifacts.labels), artifacts.spec.crop_size, threads, workers)
         self.initialized = True
 
     def preprocess_one(self, request: dict, topk: object = None) -> tuple[np.ndarray, int]:
-        """One request's image as a CHW array and its k, or :class:`preprocess.InputError`.
+        """One request's image as a CHW array and its k, or :class:`InputError`.
 
         k comes from ``topk`` (a header), else a ``topk`` request field, else the default.
         """
@@ -87,33 +86,13 @@ class FoodHandler:
         if body is None:
             body = b""
         if isinstance(body, (dict, list)):
-            raise preprocess.InputError(
+            raise InputError(
                 "the body was parsed as JSON; send the image bytes (curl -T image.jpg ...)",
                 415, "UnsupportedMediaType")
         if isinstance(body, str):
             body = body.encode("utf-8", "surrogateescape")
-        try:
-            k = postprocess.parse_topk(request.get("topk") if topk is None else topk,
-                                       self.default_topk, len(self.labels))
-        except ValueError as e:
-            raise preprocess.InputError(str(e), 400, "InvalidTopK") from e
-        array = preprocess.preprocess_bytes(bytes(body), self.spec, self.max_pixels)
-        return array, k
-
-    def inference(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) float32 -> (N, C) logits, with whichever runtime was loaded."""
-        if self.session is not None:
-            return self.session.run(["logits"], {"input": batch})[0]
-        import torch
-
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(batch)).numpy()
-
-    def postprocess(self, logits: np.ndarray, ks: list[int]) -> list[str]:
-        """Each row's top-k as the JSON list of DESIGN.md."""
-        probabilities = postprocess.softmax(logits)
-        return [json.dumps(postprocess.topk(row, self.labels, k))
-                for row, k in zip(probabilities, ks)]
+        k = self.predictor.parse_topk(request.get("topk") if topk is None else topk)
+        return self.predictor.decode(bytes(body)), k
 
     def handle(self, data: list[dict], context) -> list[str]:
         """TorchServe's entry point: a batch of requests in, one answer per request out."""
@@ -122,7 +101,7 @@ class FoodHandler:
         for idx, request in enumerate(data):
             try:
                 array, k = self.preprocess_one(request or {}, _topk_header(context, idx))
-            except preprocess.InputError as e:
+            except InputError as e:
                 log.info("request %d rejected: %s %s", idx, e.status, e.message)
                 context.set_response_status(e.status, http.HTTPStatus(e.status).phrase, idx)
                 answers[idx] = json.dumps(e.to_dict())
@@ -132,9 +111,9 @@ class FoodHandler:
             arrays.append(array)
             ks.append(k)
         if good:
-            logits = self.inference(np.stack(arrays))
-            for idx, answer in zip(good, self.postprocess(logits, ks)):
-                answers[idx] = answer
+            logits = self.predictor.infer(np.stack(arrays))
+            for idx, row, k in zip(good, logits, ks):
+                answers[idx] = to_json(self.predictor.encode(row, k))
                 _set_json(context, idx)
         return answers
 

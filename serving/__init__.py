@@ -1,7 +1,12 @@
-"""Torch-free serving runtime: preprocessing, ONNX Predictor, fallback HTTP server.
+"""Torch-free serving runtime: the model reader, preprocessing, the ONNX Predictor, the server.
 
-``import serving`` stays light: ``Predictor`` and ``Prediction`` load onnxruntime only when
-first used (``from serving import Predictor``).
+``serving/artifacts.py`` reads a model (version directory, .mar, MLflow URI);
+``serving/predictor.py`` makes an image's answer (decode -> infer -> encode);
+``serving/http/`` is the fallback HTTP server (``python -m serving``).
+
+``import serving`` stays light (no onnxruntime, no FastAPI): the TorchServe .mar carries this
+package, and ``Predictor`` / ``Prediction`` load on first use (``from serving import
+Predictor``).
 """
 
 __all__ = ["Prediction", "Predictor"]

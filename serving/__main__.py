@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -11,7 +12,16 @@ from serving.preprocess import DEFAULT_MAX_PIXELS
 DEFAULTS_HELP = "(default: %(default)s)"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _default(field: str) -> object:
+    """ServerConfig's default for ``field``, so the CLI never restates it."""
+    from serving.http.config import ServerConfig
+
+    f = next(f for f in dataclasses.fields(ServerConfig) if f.name == field)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m serving``; defaults come from ServerConfig."""
     p = argparse.ArgumentParser(
         prog="python -m serving",
         description="Serve model versions through ONNX Runtime with TorchServe's inference API "
@@ -22,45 +32,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "repeat to serve several models or versions. NAME overrides the "
                         "name in model_config.json. The newest version of a name is its "
                         "default.")
-    p.add_argument("--host", default="127.0.0.1", help=f"interface to listen on {DEFAULTS_HELP}")
-    p.add_argument("--port", type=int, default=8080, help=f"inference port {DEFAULTS_HELP}")
-    p.add_argument("--metrics-port", type=int, default=8082,
+    p.add_argument("--host", default=_default("host"),
+                   help=f"interface to listen on {DEFAULTS_HELP}")
+    p.add_argument("--port", type=int, default=_default("port"),
+                   help=f"inference port {DEFAULTS_HELP}")
+    p.add_argument("--metrics-port", type=int, default=_default("metrics_port"),
                    help=f"Prometheus /metrics port, 0 to disable {DEFAULTS_HELP}")
-    p.add_argument("--max-batch-size", type=int, default=8,
+    p.add_argument("--max-batch-size", type=int, default=_default("max_batch_size"),
                    help=f"most images per ONNX batch {DEFAULTS_HELP}")
-    p.add_argument("--max-batch-delay-ms", type=float, default=5.0,
+    p.add_argument("--max-batch-delay-ms", type=float, default=_default("max_batch_delay_ms"),
                    help=f"longest wait for a batch to fill while more requests are being "
                         f"preprocessed; a lone request never waits {DEFAULTS_HELP}")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-queue", type=int, default=_default("max_queue"),
                    help=f"requests admitted per model version before answering 503 "
                         f"{DEFAULTS_HELP}")
-    p.add_argument("--max-body-mb", type=float, default=20.0,
+    p.add_argument("--max-body-mb", type=float, default=_default("max_body_bytes") / 2**20,
                    help=f"largest request body, 413 beyond {DEFAULTS_HELP}")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"largest decoded image (width x height), 413 beyond {DEFAULTS_HELP}")
-    p.add_argument("--timeout-s", type=float, default=30.0,
+    p.add_argument("--timeout-s", type=float, default=_default("request_timeout_s"),
                    help=f"per-request timeout, 504 beyond {DEFAULTS_HELP}")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: model_config.json's "
                         "intra_op_threads, else the CPU count)")
-    p.add_argument("--preprocess-threads", type=int, default=None,
-                   help="threads decoding and preprocessing images (default: CPU count)")
+    p.add_argument("--preprocess-threads", type=int, default=_default("preprocess_threads"),
+                   help=f"threads decoding and preprocessing images, the CPU count unless "
+                        f"given {DEFAULTS_HELP}")
     p.add_argument("--spinning", action="store_true",
                    help="let ONNX Runtime threads spin while idle (lower latency when ORT has "
                         "the cores to itself; off by default because decoding shares them)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
-    return p.parse_args(argv)
+    _add_feedback_args(p)
+    return p
+
+
+def _add_feedback_args(p: argparse.ArgumentParser) -> None:
+    """The prediction log and feedback options; defaults come from FeedbackSettings."""
+    from serving.feedback import FeedbackSettings
+
+    defaults = FeedbackSettings()
+    g = p.add_argument_group(
+        "prediction log and feedback",
+        "With --feedback-db every answer of /predictions is logged (id, time, model, version, "
+        "top-k, image sha256) and its id sent in the X-Prediction-Id header; POST /feedback "
+        "attaches the confirmed label, GET /feedback/stats sums them up.")
+    g.add_argument("--feedback-db", metavar="URL", default=None,
+                   help="SQLAlchemy URL of the store: sqlite:///feedback.db (one file, several "
+                        "servers may share it) or postgresql://user@host/db (default: off)")
+    g.add_argument("--store-images", metavar="DIR", default=None,
+                   help="also keep each request's image under DIR (people's photos: off by "
+                        "default; needed to retrain on confirmed labels)")
+    g.add_argument("--image-retention-days", type=float, default=defaults.image_max_age_days,
+                   help=f"delete stored images older than this {DEFAULTS_HELP}")
+    g.add_argument("--max-images", type=int, default=defaults.max_images,
+                   help=f"keep at most this many stored images, newest first {DEFAULTS_HELP}")
+    g.add_argument("--prediction-retention-days", type=float,
+                   default=defaults.prediction_max_age_days,
+                   help="delete logged predictions without feedback older than this "
+                        "(default: keep them)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     import uvicorn
 
-    from serving.predictor import Predictor, default_threads
-    from serving.server import ServerConfig, create_app
+    from serving.http.app import create_app
+    from serving.http.config import ServerConfig
+    from serving.predictor import Predictor
 
     predictors = []
     for spec in args.model:
@@ -68,34 +109,41 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or "/" in name or ":" in name:
             name, path = "", spec
         try:
-            predictor = Predictor.load(path, intra_op_threads=args.threads,
-                                       allow_spinning=args.spinning,
-                                       max_pixels=args.max_pixels)
+            predictors.append(Predictor.load(path, intra_op_threads=args.threads,
+                                             allow_spinning=args.spinning,
+                                             max_pixels=args.max_pixels, name=name or None))
         except (FileNotFoundError, ValueError, ImportError) as e:
             print(f"error: --model {spec}: {e}", file=sys.stderr)
             return 2
-        if name:
-            predictor.name = name
-        predictors.append(predictor)
+    feedback = None
+    if args.feedback_db:
+        from serving.feedback import FeedbackSettings
 
-    config = ServerConfig(
-        max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
-        max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        max_pixels=args.max_pixels, request_timeout_s=args.timeout_s,
-        preprocess_threads=args.preprocess_threads or default_threads(),
-        metrics_host=args.host, metrics_port=args.metrics_port or None)
+        feedback = FeedbackSettings(
+            url=args.feedback_db, images_dir=args.store_images,
+            image_max_age_days=args.image_retention_days, max_images=args.max_images,
+            prediction_max_age_days=args.prediction_retention_days)
+    elif args.store_images:
+        print("error: --store-images needs --feedback-db", file=sys.stderr)
+        return 2
     try:
+        config = ServerConfig(
+            host=args.host, port=args.port, metrics_port=args.metrics_port or None,
+            max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
+            max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
+            request_timeout_s=args.timeout_s, preprocess_threads=args.preprocess_threads,
+            feedback=feedback)
         app = create_app(predictors, config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in predictors:
         print(f"serving {p.name} v{p.version} from {p.source}: "
-              f"http://{args.host}:{args.port}/predictions/{p.name}", file=sys.stderr)
+              f"http://{config.host}:{config.port}/predictions/{p.name}", file=sys.stderr)
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then runs the app's shutdown,
     # which lets the batchers drain.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=False, timeout_graceful_shutdown=int(args.timeout_s) + 5)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
+                access_log=False, timeout_graceful_shutdown=int(config.request_timeout_s) + 5)
     return 0
 
 

@@ -1,9 +1,18 @@
-"""The torch-free backend predictor: a model version through ONNX Runtime alone.
+"""Where an image's answer is made: decode -> infer -> encode, for one model version.
 
-``Predictor.load(path)`` reads ``model.onnx`` + labels + ``model_config.json`` from a version
-directory, a ``.mar`` (zip) built by ``python -m training archive --format onnx``, or an
-MLflow model URI (``models:/food-classifier@champion``). Preprocessing and postprocessing are
-the shared modules, so the answers equal the TorchServe handler's for the same model and image.
+``Predictor.load(source)`` reads a model through :func:`serving.artifacts.read_model` and
+runs it with ONNX Runtime. Its three stages are the contract every caller uses: the HTTP
+server's batcher and both protocols, the TorchServe handler (which swaps only ``infer`` for
+TorchScript) and in-process callers (``predict``, ``predict_batch``)::
+
+    decode(image) -> CHW float32     (the shared preprocessing, with this predictor's
+                                      pixel budget)
+    infer(N x 3 x H x W) -> logits   (N x C)
+    encode(logits row, k) -> [Prediction, ...]   (softmax in float64, top-k, shared rounding)
+
+ONNX Runtime is imported only where a session is built, so the TorchServe .mar (which
+carries this module) needs no onnxruntime for a TorchScript model, and ``import serving``
+stays light.
 """
 
 from __future__ import annotations
@@ -11,22 +20,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
-from serving.postprocess import labels_from_class_to_idx, parse_topk, softmax, topk
-from serving.preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, preprocess, preprocess_bytes
+from serving.artifacts import ModelArtifacts, read_model
+from serving.errors import InputError
+from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess, preprocess_bytes
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
 ImageInput = bytes | bytearray | str | os.PathLike | Image.Image
-_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,11 @@ class Prediction:
     def to_dict(self) -> dict:
         """The JSON shape both servers send: ``{"label", "probability"}``."""
         return {"label": self.label, "probability": self.probability}
+
+
+def to_json(predictions: Sequence[Prediction]) -> str:
+    """The answer's JSON text, byte for byte what both servers and the handler send."""
+    return json.dumps([p.to_dict() for p in predictions])
 
 
 def default_threads() -> int:
@@ -58,6 +74,8 @@ def session_options(intra_op_threads: int | None = None,
     cut latency when ORT owns the cores but burn them when other threads (the HTTP server's
     decode pool) need the same cores, so the server turns it off.
     """
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -68,135 +86,139 @@ def session_options(intra_op_threads: int | None = None,
     return opts
 
 
-def _read_version_dir(path: Path) -> tuple[bytes, dict, dict]:
-    """model.onnx bytes, class_to_idx and model_config from a version directory."""
-    config_file = path / "model_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a model version (no model_config.json); point at "
-            f"artifacts/<model>/v<N>, artifacts/<model>/latest, a .mar or a models:/ URI")
-    onnx_file = path / "model.onnx"
-    if not onnx_file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no model.onnx; export it first: python -m training export "
-            f"--model {path}")
-    class_to_idx = json.loads((path / "class_to_idx.json").read_text())
-    return onnx_file.read_bytes(), class_to_idx, json.loads(config_file.read_text())
+def ort_session(model: bytes | str | os.PathLike, threads: int | None = None,
+                spinning: bool = False) -> ort.InferenceSession:
+    """The one ONNX Runtime session builder (CPU): the model's bytes or file, our options."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model if isinstance(model, bytes) else os.fspath(model),
+                                sess_options=session_options(threads, spinning),
+                                providers=["CPUExecutionProvider"])
 
 
-def _read_mar(path: Path) -> tuple[bytes, dict, dict]:
-    """model.onnx bytes, class_to_idx and model_config from a .mar, without extracting it."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of an (N, C) array, computed in float64 for stable probabilities."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def parse_topk(value: object, default: int, num_classes: int) -> int:
+    """A request's top-k (None or "" for ``default``); InputError naming what is allowed."""
+    if value is None or value == "":
+        return min(default, num_classes)
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
     try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not a .mar (zip) file: {e}") from e
-    with archive:
-        names = set(archive.namelist())
-        if "model.onnx" not in names:
-            raise ValueError(
-                f"{path} holds no model.onnx (files: {sorted(names)}); it is probably a "
-                f"TorchScript archive. Build one with python -m training archive "
-                f"--format onnx, or serve this one with TorchServe")
-        if "model_config.json" not in names:
-            raise ValueError(f"{path} has no model_config.json (preprocessing spec)")
-        config = json.loads(archive.read("model_config.json"))
-        if "class_to_idx.json" in names:
-            class_to_idx = json.loads(archive.read("class_to_idx.json"))
-        elif "index_to_name.json" in names:
-            index_to_name = json.loads(archive.read("index_to_name.json"))
-            class_to_idx = {label: int(i) for i, label in index_to_name.items()}
-        else:
-            raise ValueError(f"{path} has neither index_to_name.json nor class_to_idx.json")
-        return archive.read("model.onnx"), class_to_idx, config
+        k = int(str(value).strip())
+    except ValueError:
+        raise InputError(f"topk={value!r} is not an integer; allowed: 1..{num_classes}",
+                         400, "InvalidTopK") from None
+    if not 1 <= k <= num_classes:
+        raise InputError(f"topk={k} is out of range; allowed: 1..{num_classes}", 400,
+                         "InvalidTopK")
+    return k
 
 
-def _download_mlflow(uri: str) -> Path:
-    """Download an MLflow model URI to a local directory laid out like a version."""
-    try:
-        import mlflow.artifacts
-    except ImportError as e:
-        raise ImportError(
-            f"loading {uri} needs MLflow: pip install mlflow-skinny (or point at a "
-            f"version directory or .mar instead)") from e
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
+    """The k most probable labels of one (C,) probability row, highest first.
+
+    Ties are broken by class index so every server returns the same order.
+    """
+    order = np.lexsort((np.arange(len(probabilities)), -probabilities))[:k]
+    return [Prediction(labels[i], float(round(probabilities[i], 6))) for i in order]
 
 
 class Predictor:
-    """An ONNX Runtime session plus the labels and preprocessing spec it was trained with."""
+    """One model version's three stages, with its labels, preprocessing spec and top-k."""
 
-    def __init__(self, model: bytes | str | Path, class_to_idx: dict[str, int], config: dict,
-                 source: str = "", intra_op_threads: int | None = None,
-                 allow_spinning: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.config = config
-        self.labels = labels_from_class_to_idx(class_to_idx)
-        self.spec = PreprocessSpec.from_dict(config["preprocessing"])
-        self.name = str(config.get("name", "model"))
-        self.version = str(config.get("version", "1"))
-        self.default_topk = int(config.get("topk", 3))
-        self.source = source
+    def __init__(self, artifacts: ModelArtifacts, session: ort.InferenceSession | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, default_topk: int | None = None,
+                 name: str | None = None, *,
+                 infer: Callable[[np.ndarray], np.ndarray] | None = None,
+                 fmt: str = "onnx") -> None:
+        """``infer`` runs on the ONNX Runtime ``session``, or is the given function instead
+        (the TorchServe handler passes TorchScript's, ``fmt="torchscript"``). Either way the
+        model's input and output are checked against the model config before it serves.
+        ``default_topk`` and ``name`` override the model config's."""
+        self.artifacts = artifacts
+        self.name = name or artifacts.name
+        self.version = artifacts.version
+        self.source = artifacts.source
+        self.labels = artifacts.labels
+        self.spec = artifacts.spec
+        self.default_topk = default_topk or artifacts.default_topk
         self.max_pixels = max_pixels
-        threads = intra_op_threads or config.get("intra_op_threads")
-        self.session = ort.InferenceSession(
-            model if isinstance(model, bytes) else str(model),
-            sess_options=session_options(threads, allow_spinning),
-            providers=["CPUExecutionProvider"])
-        model_input = self.session.get_inputs()[0]
-        self.input_name = model_input.name
-        self.output_name = self.session.get_outputs()[0].name
-        if len(self.labels) != int(config.get("num_classes", len(self.labels))):
-            raise ValueError(f"{source}: {len(self.labels)} labels but model_config.json says "
-                             f"num_classes={config['num_classes']}")
+        self.session = session
+        if session is not None:
+            model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
+            artifacts.check_model_io(fmt, model_input.shape, model_output.shape)
+            self.input_name, self.output_name = model_input.name, model_output.name
+            self.threads = session.get_session_options().intra_op_num_threads
+        elif infer is not None:
+            self.infer = infer  # the swapped stage
+            c = self.spec.crop_size
+            probe = np.zeros((1, 3, c, c), np.float32)
+            try:
+                logits = infer(probe)
+            except Exception as e:  # a model built for another crop fails here, not later
+                raise ValueError(f"{artifacts.location(fmt)} does not run on 1 x 3 x {c} x {c} "
+                                 f"(crop_size in model_config.json): {e}") from e
+            artifacts.check_model_io(fmt, probe.shape, np.shape(logits))
+        else:
+            raise ValueError("a Predictor needs an ONNX Runtime session or an infer function")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs) -> Predictor:
-        """A version directory, a ``.mar`` file, or an MLflow URI (``models:/name@alias``).
+    def load(cls, source: str | os.PathLike, *, intra_op_threads: int | None = None,
+             allow_spinning: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+             name: str | None = None) -> Predictor:
+        """A version directory, a ``.mar`` file, or an MLflow URI (``models:/name@alias``),
+        run by ONNX Runtime (threads: ``intra_op_threads``, else model_config.json's
+        ``intra_op_threads``, else the CPU count). ``max_pixels`` is the decode budget."""
+        artifacts = read_model(source)
+        log.info("loading %s (%s v%s)", artifacts.source, artifacts.name, artifacts.version)
+        threads = intra_op_threads or artifacts.config.get("intra_op_threads")
+        session = ort_session(artifacts.model_bytes("onnx"), threads, allow_spinning)
+        return cls(artifacts, session, max_pixels=max_pixels, name=name)
 
-        Keyword arguments go to the constructor (``intra_op_threads``, ``allow_spinning``,
-        ``max_pixels``).
-        """
-        source = os.fspath(path)
-        if source.startswith(_URI_SCHEMES):
-            local = _download_mlflow(source)
-            model, class_to_idx, config = _read_version_dir(local)
-        else:
-            local = Path(source)
-            if local.is_dir():
-                model, class_to_idx, config = _read_version_dir(local)
-            elif local.is_file():
-                model, class_to_idx, config = _read_mar(local)
-            else:
-                raise FileNotFoundError(
-                    f"{source} does not exist; expected a version directory "
-                    f"(artifacts/food/latest), a .mar file or a models:/ URI")
-        log.info("loading %s (%s v%s)", source, config.get("name"), config.get("version"))
-        return cls(model, class_to_idx, config, source=source, **kwargs)
-
-    def to_array(self, image: ImageInput) -> np.ndarray:
+    def decode(self, image: ImageInput) -> np.ndarray:
         """Bytes, a path or a PIL image as the model's CHW float32 input (InputError if bad)."""
         if isinstance(image, Image.Image):
             return preprocess(image, self.spec)
         data = bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
         return preprocess_bytes(data, self.spec, self.max_pixels)
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Run an (N, 3, H, W) float32 batch through the session: (N, C) float32 logits."""
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run an (N, 3, H, W) float32 batch through the model: (N, C) float32 logits."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def answer(self, logits_row: np.ndarray, k: int | str | None = None) -> list[Prediction]:
-        """One row of logits as the top-k records (softmax in float64, shared rounding)."""
-        k = parse_topk(k, self.default_topk, len(self.labels))
-        probs = softmax(np.asarray(logits_row)[None])[0]
-        return [Prediction(**d) for d in topk(probs, self.labels, k)]
+    def parse_topk(self, value: object) -> int:
+        """A request's k (None: the default), or InputError naming the allowed range."""
+        return parse_topk(value, self.default_topk, len(self.labels))
 
-    def predict(self, image: ImageInput, topk: int | None = None) -> list[Prediction]:
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """(N, C) logits as (N, C) float64 probabilities."""
+        return softmax(logits)
+
+    def rank(self, probabilities_row: np.ndarray, k: int) -> list[Prediction]:
+        """One row of probabilities as its top-k predictions."""
+        return top_k(probabilities_row, self.labels, k)
+
+    def encode(self, logits_row: np.ndarray, k: int) -> list[Prediction]:
+        """One row of logits as the top-k answer (``k`` already parsed by ``parse_topk``)."""
+        return self.rank(self.probabilities(np.asarray(logits_row)[None])[0], k)
+
+    def predict(self, image: ImageInput, topk: int | str | None = None) -> list[Prediction]:
         """Top-k predictions for one image (bytes, path or PIL image)."""
         return self.predict_batch([image], topk)[0]
 
     def predict_batch(self, images: Sequence[ImageInput],
-                      topk: int | None = None) -> list[list[Prediction]]:
-        """Top-k predictions for several images, run as one ONNX batch."""
+                      topk: int | str | None = None) -> list[list[Prediction]]:
+        """Top-k predictions for several images, run as one batch."""
         if not images:
             return []
-        batch = np.stack([self.to_array(image) for image in images])
-        return [self.answer(row, topk) for row in self.logits(batch)]
+        k = self.parse_topk(topk)
+        logits = self.infer(np.stack([self.decode(image) for image in images]))
+        return [self.encode(row, k) for row in logits]

@@ -5,8 +5,8 @@ EXIF-transpose, convert to RGB, resize the shorter side to ``resize_size``, cent
 torchvision's ``Resize(resize_size) -> CenterCrop(crop_size) -> ToTensor() -> Normalize()``
 on PIL images to float rounding (tests/test_preprocess.py holds it there).
 
-This module needs only numpy and Pillow and imports nothing else from the project, because
-the TorchServe .mar carries it as a top-level file next to the handler.
+numpy and Pillow only (plus the error types): the TorchServe .mar carries it in its
+``serving/`` package.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from serving.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,20 +36,6 @@ _INTERPOLATIONS = {
 _CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
                       "YCbCr", "LAB", "HSV"}
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-
-
-class InputError(ValueError):
-    """A client's image cannot be used; ``status`` and ``type`` map onto the HTTP answer."""
-
-    def __init__(self, message: str, status: int = 400, type: str = "InvalidImage") -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-
-    def to_dict(self) -> dict:
-        """The JSON error body both servers send: ``{"code", "type", "message"}``."""
-        return {"code": self.status, "type": self.type, "message": self.message}
 
 
 @dataclass(frozen=True)

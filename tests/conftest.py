@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from serving.launch import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 TINY_CLASSES = ["pizza", "salad", "sushi"]
 TINY_RESIZE, TINY_CROP = 40, 32
@@ -48,9 +49,10 @@ def make_tiny_version(root: Path, name: str = "food", arch: str = "mobilenet_v2"
     """
     import torch
 
+    from serving.atomic import write_json
     from serving.preprocess import PreprocessSpec
     from training.models import build_model
-    from training.version import create_version, make_model_config, write_json
+    from training.version import create_version, make_model_config
 
     torch.manual_seed(seed)
     class_to_idx = {c: i for i, c in enumerate(TINY_CLASSES)}
@@ -73,14 +75,6 @@ def tiny_version(tmp_path_factory) -> Path:
     return make_tiny_version(tmp_path_factory.mktemp("artifacts"))
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-
 def make_onnx_version(root: Path, name: str = "food", seed: int = 0) -> Path:
     """A tiny version whose answers depend on the image, with ``model.onnx`` exported.
 
@@ -94,7 +88,7 @@ def make_onnx_version(root: Path, name: str = "food", seed: int = 0) -> Path:
 
     import torch
 
-    from training.models import build_model
+    from training.models import build_model, calibrate_batchnorm
 
     version_dir = make_tiny_version(root, name=name, seed=seed)
     config = json.loads((version_dir / "model_config.json").read_text())
@@ -102,15 +96,7 @@ def make_onnx_version(root: Path, name: str = "food", seed: int = 0) -> Path:
     model.load_state_dict(torch.load(version_dir / "model.pth", weights_only=True))
     crop = config["preprocessing"]["crop_size"]
     gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(16, 3, crop, crop, generator=gen))
-    model.eval()
+    calibrate_batchnorm(model, (torch.randn(16, 3, crop, crop, generator=gen) for _ in range(4)))
     torch.save(model.state_dict(), version_dir / "model.pth")
     torch.onnx.export(model, torch.randn(2, 3, crop, crop), str(version_dir / "model.onnx"),
                       input_names=["input"], output_names=["logits"],

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_CLASSES
+from conftest import TINY_CLASSES, jpeg_bytes
 
 from training import archive
 from training.export import export_version
@@ -29,8 +32,8 @@ def test_mar_is_self_contained(exported, tmp_path, fmt, model_file):
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
         assert names == {"MAR-INF/MANIFEST.json", "food_handler.py", model_file,
-                         "index_to_name.json", "model_config.json", "preprocess.py",
-                         "postprocess.py", "model-config.yaml"}
+                         "index_to_name.json", "model_config.json", "model-config.yaml",
+                         *(f"serving/{m}" for m in archive.CARRIED_MODULES)}
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         labels = json.loads(z.read("index_to_name.json"))
         serving = yaml.safe_load(z.read("model-config.yaml"))
@@ -59,3 +62,46 @@ def test_archive_without_export_says_what_to_run(tmp_path):
     version = make_tiny_version(tmp_path / "artifacts")
     with pytest.raises(archive.ArchiveError, match="python -m training export"):
         archive.build_archive(version, "onnx", export_path=tmp_path / "store")
+
+
+HANDLER_IN_MAR = """
+import json, sys
+from pathlib import Path
+import food_handler
+from ts.utils.util import list_classes_from_module
+
+# TorchServe refuses a handler module that defines more than one class.
+assert list_classes_from_module(food_handler) == [food_handler.FoodHandler]
+
+class Context:
+    system_properties = {"model_dir": "."}
+    manifest = json.loads(Path("MAR-INF/MANIFEST.json").read_text())
+    model_yaml_config = {}
+    request_processor = None
+
+    def set_response_status(self, code, phrase="", idx=0):
+        raise AssertionError(code)
+
+handler = food_handler.FoodHandler()
+handler.initialize(Context())
+print(handler.handle([{"body": sys.stdin.buffer.read()}], Context())[0])
+ours = tuple(f"{sys.argv[1]}/{package}/" for package in ("serving", "handlers", "training"))
+leaked = sorted(name for name, m in sys.modules.items()
+                if (getattr(m, "__file__", None) or "").startswith(ours))
+assert not leaked, f"imported from the repository, not the .mar: {leaked}"
+"""
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_handler_runs_on_what_the_mar_carries(exported, tmp_path, fmt):
+    """Unpacked as TorchServe does, the handler answers with only the .mar's own modules."""
+    mar = archive.build_archive(exported, fmt, export_path=tmp_path / "store")
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(unpacked)
+    repo = str(Path(archive.__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", HANDLER_IN_MAR, repo], cwd=unpacked,
+                         input=jpeg_bytes(), capture_output=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    answer = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert sorted(a["label"] for a in answer) == TINY_CLASSES

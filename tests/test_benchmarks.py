@@ -9,12 +9,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from conftest import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import loadgen, report, servers, serving
+from benchmarks import bench_serving, loadgen, report
 from benchmarks.timing import measure, median_spread, summarize
+from serving.launch import free_port
 
 
 # ------------------------------------------------------------------ statistics
@@ -76,8 +76,8 @@ def failing_server(request):
 
 def test_failing_server_counts_as_errors_not_fast_answers(failing_server, sample_images):
     url, mode = failing_server
-    result = serving.loadgen(url, sample_images[:2], "closed", duration=1.0, concurrency=4,
-                             warmup=1)
+    result = bench_serving.loadgen(url, sample_images[:2], "closed", duration=1.0,
+                                   concurrency=4, warmup=1)
     assert result["sent"] > 0
     assert result["ok"] == 0 and result["errors"] == result["sent"]
     expected = "http_500" if mode == "500" else "bad_body"
@@ -87,8 +87,8 @@ def test_failing_server_counts_as_errors_not_fast_answers(failing_server, sample
 
 def test_harness_reports_failing_server_without_open_loop(failing_server, sample_images):
     url, _ = failing_server
-    out = serving.load_server("broken", url, sample_images[:2], concurrencies=(1, 4),
-                              duration=0.5)
+    out = bench_serving.load_server("broken", url, sample_images[:2], concurrencies=(1, 4),
+                                    duration=0.5)
     assert [r["concurrency"] for r in out["closed"]] == [1, 4]
     assert all(r["errors"] > 0 and r["ok"] == 0 for r in out["closed"])
     assert out["open"] == [] and out["max_rate_p99_under_100ms"] is None
@@ -114,13 +114,14 @@ def test_run_against_our_server_writes_json_table_and_plot(onnx_version, sample_
                                                             tmp_path):
     not_an_image = tmp_path / "not-an-image.txt"
     not_an_image.write_text("this is not a JPEG")
-    with servers.onnx_server(onnx_version, tmp_path / "logs", threads=1,
+    with bench_serving.start("onnx-server-fp32", onnx_version, tmp_path, threads=1,
                              max_batch_size=4) as server:
-        measured = serving.load_server("onnx-server-fp32", server.url, sample_images[:3],
-                                       server.settings, concurrencies=(1, 4), duration=1.0,
-                                       open_fractions=(0.3, 0.6))
-        bad = serving.loadgen(server.url, [not_an_image], "closed", duration=0.5,
-                              concurrency=2, warmup=1)
+        measured = bench_serving.load_server("onnx-server-fp32", server.url,
+                                             sample_images[:3], server.settings,
+                                             concurrencies=(1, 4), duration=1.0,
+                                             open_fractions=(0.3, 0.6))
+        bad = bench_serving.loadgen(server.url, [not_an_image], "closed", duration=0.5,
+                                    concurrency=2, warmup=1)
     closed = measured["closed"]
     assert [r["concurrency"] for r in closed] == [1, 4]
     assert all(r["ok"] > 0 and r["errors"] == 0 and r["p50_ms"] > 0 for r in closed)
@@ -131,7 +132,7 @@ def test_run_against_our_server_writes_json_table_and_plot(onnx_version, sample_
     section = {"model": "tiny", "image": "tiny", "threads": 1, "servers": [
         measured, {"name": "torchserve-stock", "error": "not started", "closed": [],
                    "open": [], "max_rate_p99_under_100ms": None}],
-        "ceiling": serving.ceiling(onnx_version, sample_images[:3], threads=1)}
+        "ceiling": bench_serving.ceiling(onnx_version, sample_images[:3], threads=1)}
     paths = report.write_run({"serving": section}, tmp_path / "results", quick=True)
     data = json.loads(paths["json"].read_text())
     assert data["machine"]["cores"] >= 1 and data["machine"]["versions"]["onnxruntime"]
@@ -148,23 +149,23 @@ def test_run_against_our_server_writes_json_table_and_plot(onnx_version, sample_
 @pytest.mark.integration
 def test_server_that_dies_at_startup_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="exited"), \
-            servers.onnx_server(tmp_path / "missing", tmp_path / "logs", timeout=60):
+            bench_serving.start("onnx-server-fp32", tmp_path / "missing", tmp_path, threads=1):
         pass
 
 
 def test_engines_rows_for_a_tiny_exported_version(tiny_version, sample_images, tmp_path):
     import shutil
 
-    from benchmarks import engines
+    from benchmarks import bench_engines
     from training.export import export_version
 
     version = tmp_path / "v1"
     shutil.copytree(tiny_version, version)
     export_version(version, images=sample_images, quantize="int8", min_agreement=0.0)
-    rows = engines.bench_engines({"mobilenet_v2": version}, sample_images[:2], threads=1,
-                                 quick=True)
+    rows = bench_engines.bench_engines({"mobilenet_v2": version}, sample_images[:2],
+                                       threads=1, quick=True)
     assert {(r["engine"], r["batch"]) for r in rows} == {
-        (e, b) for e in engines.ENGINES for b in engines.BATCH_SIZES}
+        (e, b) for e in bench_engines.ENGINES for b in bench_engines.BATCH_SIZES}
     assert all(r["items_per_s"] > 0 and r["calls"] >= 3 for r in rows)
     result = {"timestamp": "t", "mode": "quick", "machine": report.machine(),
               "load_average": {"before": [0.0], "after": [0.0]},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 from conftest import make_tiny_version
 
 from training import export
-from training.export import ExportError, export_version, load_eager, load_images
+from training.export import ExportError, export_version, load_images
+from training.models import load_eager
 from training.version import load_version
 
 
@@ -143,7 +146,7 @@ def test_mlflow_logging_into_the_version_run(tmp_path, sample_images, monkeypatc
     version_dir = make_tiny_version(tmp_path)
     config_path = version_dir / "model_config.json"
     config = load_version(version_dir).config | {"mlflow_run_id": run.info.run_id}
-    from training.version import write_json
+    from serving.atomic import write_json
 
     write_json(config_path, config)
     export_version(version_dir, images=sample_images[:2])
@@ -154,3 +157,21 @@ def test_mlflow_logging_into_the_version_run(tmp_path, sample_images, monkeypatc
                                          output_format="list")
     assert any(m.name == "onnx" and m.source_run_id == run.info.run_id for m in logged)
     shutil.rmtree(version_dir)
+
+
+def test_cli_export_prints_results_not_third_party_info(tmp_path, sample_images):
+    """The ONNX exporter's libraries log hundreds of INFO lines; the CLI shows ours only."""
+    version_dir = make_tiny_version(tmp_path)
+    rows = [f"{p},pizza,pizza,0.9" for p in sample_images]
+    (version_dir / "predictions.csv").write_text(
+        "path,true_label,predicted_label,confidence\n" + "\n".join(rows) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "training", "export", "--model",
+                           str(version_dir)], capture_output=True, text=True,
+                          check=False, cwd=Path(__file__).resolve().parents[1])
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 0, "\n".join(lines[-20:])
+    assert any(line.startswith("onnxruntime batch 8") for line in lines)
+    noisy = [line for line in lines if "onnx_ir" in line or "onnxscript" in line]
+    assert not noisy, f"{len(noisy)} third-party lines, e.g. {noisy[0]}"
+    info = [line for line in lines if " INFO " in line and " INFO training." not in line]
+    assert not info, info[:3]

@@ -18,7 +18,8 @@ from ts.context import Context, RequestProcessor
 from handlers.food_handler import FoodHandler
 from serving.preprocess import PreprocessSpec, preprocess_bytes
 from training.archive import build_archive
-from training.export import export_version, load_eager
+from training.export import export_version
+from training.models import load_eager
 from training.version import load_version
 
 

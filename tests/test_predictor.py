@@ -59,13 +59,13 @@ def test_predict_returns_typed_topk_from_bytes_path_and_pil(predictor, sample_im
 def test_predictions_match_the_torch_model(onnx_version, predictor, sample_images):
     import torch
 
-    from serving.postprocess import softmax
+    from serving.predictor import softmax
     from training.models import build_model
 
     model = build_model("mobilenet_v2", len(TINY_CLASSES), weights="none")
     model.load_state_dict(torch.load(onnx_version / "model.pth", weights_only=True))
     model.eval()
-    batch = np.stack([predictor.to_array(p) for p in sample_images])
+    batch = np.stack([predictor.decode(p) for p in sample_images])
     with torch.no_grad():
         expected = softmax(model(torch.from_numpy(batch)).numpy())
     for row, path in zip(expected, sample_images):

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
 
-from serving.postprocess import labels_from_class_to_idx, parse_topk, softmax, topk
+from serving.artifacts import labels_from_class_to_idx
+from serving.predictor import parse_topk, softmax, top_k
 from serving.preprocess import (
     InputError,
     PreprocessSpec,
@@ -133,7 +134,7 @@ def test_topk_is_sorted_and_sums_at_most_one(logits, k):
     probs = softmax(np.array([logits]))[0]
     labels = [f"c{i}" for i in range(len(logits))]
     k = min(k, len(logits))
-    out = topk(probs, labels, k)
+    out = [p.to_dict() for p in top_k(probs, labels, k)]
     assert len(out) == k
     ps = [o["probability"] for o in out]
     assert ps == sorted(ps, reverse=True)

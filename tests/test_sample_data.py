@@ -42,6 +42,7 @@ def test_imagefolder_layout_sizes_and_summary(small_set):
                 assert long <= 1.5 * short + 1
     assert str(root) in summary and "20" in summary and all(c in summary for c in CLASSES)
     assert not list(root.parent.glob(".data.tmp-*")), "temp dir left behind"
+    assert not list(root.parent.glob(".tmp-*")), "temp dir left behind"
 
 
 def test_examples_are_committable_photos(small_set):

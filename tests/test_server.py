@@ -3,83 +3,42 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from http.client import HTTPResponse
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from conftest import TINY_CLASSES, free_port, jpeg_bytes, make_onnx_version
+from conftest import TINY_CLASSES, jpeg_bytes, make_onnx_version
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving import Predictor
+from serving.launch import Launched, start_onnx_server
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-@dataclass
-class Server:
-    url: str
-    metrics_url: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
-    def metrics(self) -> dict[str, list]:
-        """Samples by family name, parsed by prometheus-client's own parser."""
-        text = requests.get(self.metrics_url, timeout=10).text
-        return {f.name: f.samples for f in text_string_to_metric_families(text)}
-
-    def in_flight(self) -> float:
-        return self.metrics()["onnx_server_requests_in_flight"][0].value
+def run_server(models: list[str], log: Path, *extra: str) -> Launched:
+    """``python -m serving`` on free loopback ports, ready (GET /ping); stops on context exit."""
+    return start_onnx_server(models, log, extra_args=extra)
 
 
-@contextlib.contextmanager
-def run_server(models: list[str], log: Path, *extra: str):
-    """Start ``python -m serving`` on free ports, wait for /ping, stop it afterwards."""
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "serving", "--port", str(port),
-           "--metrics-port", str(metrics_port), *extra]
-    for m in models:
-        cmd += ["--model", m]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    server = Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                    port, proc, log)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"{server.url}/ping", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer /ping:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def scrape(server: Launched) -> dict[str, list]:
+    """Samples by family name, parsed by prometheus-client's own parser."""
+    text = requests.get(server.metrics_url, timeout=10).text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def in_flight(server: Launched) -> float:
+    return scrape(server)["onnx_server_requests_in_flight"][0].value
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +67,7 @@ def expected_json(predictor: Predictor, image: bytes, k: int | None = None) -> l
     return [p.to_dict() for p in predictor.predict(image, k)]
 
 
-def assert_client_error(response: requests.Response, status: int, server: Server) -> dict:
+def assert_client_error(response: requests.Response, status: int, server: Launched) -> dict:
     """A 4xx TorchServe-shaped JSON error, after which the server still answers /ping."""
     assert response.status_code == status, response.text
     body = response.json()
@@ -208,11 +167,12 @@ def test_concurrent_clients_form_batches_and_get_their_own_answers(server, predi
     expected = [expected_json(v2, image) for image in images]
 
     def batches_over_one() -> float:
-        samples = server.metrics()["onnx_server_batch_size"]
-        count = next(s.value for s in samples if s.name.endswith("_count")
-                     and s.labels == {"model": "food", "version": "2"})
-        ones = next(s.value for s in samples if s.name.endswith("_bucket")
-                    and s.labels == {"model": "food", "version": "2", "le": "1.0"})
+        samples = scrape(server)["onnx_server_batch_size"]
+        # 0 before the first batch of food v2 (a test run on its own)
+        count = next((s.value for s in samples if s.name.endswith("_count")
+                      and s.labels == {"model": "food", "version": "2"}), 0.0)
+        ones = next((s.value for s in samples if s.name.endswith("_bucket")
+                     and s.labels == {"model": "food", "version": "2", "le": "1.0"}), 0.0)
         return count - ones
 
     before = batches_over_one()
@@ -235,7 +195,7 @@ def test_concurrent_clients_form_batches_and_get_their_own_answers(server, predi
 def test_metrics_parse_and_count_by_model_version_and_code(server):
     requests.post(f"{server.url}/predictions/food/1", data=jpeg_bytes())
     requests.post(f"{server.url}/predictions/food/1", data=b"nope")
-    families = server.metrics()
+    families = scrape(server)
     codes = {(s.labels["model"], s.labels["version"], s.labels["code"]): s.value
              for s in families["onnx_server_requests"] if s.name.endswith("_total")}
     assert codes[("food", "1", "200")] >= 1 and codes[("food", "1", "400")] >= 1
@@ -270,7 +230,7 @@ def test_kserve_v2_with_tritonclient_bytes_and_fp32(server, predictors, sample_i
         top1 = [expected_json(v2, i, 1)[0]["label"].encode() for i in images]
         assert list(result.as_numpy("label")) == top1
 
-        batch = np.stack([v2.to_array(i) for i in images])
+        batch = np.stack([v2.decode(i) for i in images])
         for binary in (True, False):
             tensor = httpclient.InferInput("input", list(batch.shape), "FP32")
             tensor.set_data_from_numpy(batch, binary_data=binary)
@@ -319,9 +279,9 @@ def read_response(s: socket.socket) -> tuple[int, bytes]:
     return response.status, response.read()
 
 
-def wait_in_flight(server: Server, n: int) -> None:
+def wait_in_flight(server: Launched, n: int) -> None:
     deadline = time.monotonic() + 30
-    while server.in_flight() < n:
+    while in_flight(server) < n:
         assert time.monotonic() < deadline, "request never became in-flight"
         time.sleep(0.05)
 
@@ -361,4 +321,31 @@ def test_sigterm_finishes_in_flight_requests(versions, predictors, tmp_path):
         assert json.loads(body) == expected_json(predictors[0], image)
         # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit is by signal
         assert server.proc.wait(30) in (0, -signal.SIGTERM)
-        assert "Application shutdown complete" in server.log.read_text()
+        assert "Application shutdown complete" in server.log_path.read_text()
+
+
+def test_cli_defaults_come_from_server_config():
+    from serving.__main__ import build_parser
+    from serving.http.config import ServerConfig
+
+    args = build_parser().parse_args(["--model", "artifacts/food/latest"])
+    config = ServerConfig()
+    assert (args.host, args.port, args.metrics_port) == (config.host, config.port,
+                                                          config.metrics_port)
+    assert (args.max_batch_size, args.max_batch_delay_ms, args.max_queue) == (
+        config.max_batch_size, config.max_batch_delay_ms, config.max_queue)
+    assert int(args.max_body_mb * 2**20) == config.max_body_bytes
+    assert args.timeout_s == config.request_timeout_s
+    assert args.preprocess_threads == config.preprocess_threads
+
+
+def test_server_modules_pull_in_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.__main__, serving.http.app\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr

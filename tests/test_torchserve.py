@@ -1,8 +1,9 @@
 """A real TorchServe serving our .mar on free loopback ports: the Dockerfile's own CMD.
 
 One server for the whole module, started in a temp directory laid out like the repo root
-(serve_config/, model_store/food.mar) with a private TMPDIR (TorchServe's pid file lives
-there, so stopping it can never touch another TorchServe) and private log directories.
+(serve_config/, model_store/food.mar) with a private TMPDIR and TEMP (TorchServe's pid file
+and its workers' sockets live there, so it can never meet another TorchServe) and private log
+directories.
 """
 
 from __future__ import annotations
@@ -11,16 +12,23 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import TINY_CLASSES, free_port, jpeg_bytes
+from conftest import TINY_CLASSES
 
+from serving.launch import (
+    Launched,
+    child_env,
+    free_port,
+    spawn,
+    start_torchserve,
+    wait_ready,
+    workers_ready,
+)
 from training.archive import build_archive
 from training.export import export_version
 
@@ -49,47 +57,24 @@ def server(tiny_version, sample_images, tmp_path_factory):
     shutil.copy(REPO / "serve_config" / "healthcheck.py", root / "serve_config")
     build_archive(tiny_version, "onnx", export_path=root / "model_store")
     (root / "tmp").mkdir()
-    ports = [free_port() for _ in range(3)]
-    env = os.environ | {
+    inference, management, metrics = (f"http://127.0.0.1:{free_port()}" for _ in range(3))
+    env = child_env({
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "TMPDIR": str(root / "tmp"), "LOG_LOCATION": str(root / "logs"),
-        "METRICS_LOCATION": str(root / "logs"),
-        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports[0]}",
-        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports[1]}",
-        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports[2]}",
-    }
-    env.pop("TS_CONFIG_FILE", None)  # the Makefile exports it; the CMD names its own config
+        "TMPDIR": str(root / "tmp"), "TEMP": str(root / "tmp"),
+        "LOG_LOCATION": str(root / "logs"), "METRICS_LOCATION": str(root / "logs"),
+        "TS_INFERENCE_ADDRESS": inference, "TS_MANAGEMENT_ADDRESS": management,
+        "TS_METRICS_ADDRESS": metrics,
+        "TS_CONFIG_FILE": None,  # the Makefile exports it; the CMD names its own config
+    })
     cmd = dockerfile_json("CMD")
     assert cmd[:2] == ["torchserve", "--foreground"]
-    with open(root / "launcher.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        base = env["TS_INFERENCE_ADDRESS"]
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"torchserve exited {proc.returncode}: "
-                                f"{(root / 'launcher.log').read_text()[-3000:]}")
-                try:
-                    r = requests.put(f"{base}/predictions/food", data=jpeg_bytes(), timeout=10)
-                    if r.status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"TorchServe not ready after {READY_TIMEOUT_S}s; logs in {root}")
-                time.sleep(1)
-            yield {"base": base, "metrics": env["TS_METRICS_ADDRESS"],
-                   "management": env["TS_MANAGEMENT_ADDRESS"], "env": env, "root": root}
-        finally:
-            subprocess.run(["torchserve", "--stop"], cwd=root, env=env, timeout=90,
-                           capture_output=True, check=False)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+    log = root / "launcher.log"
+    with Launched(spawn(cmd, log, env=env, cwd=root), inference, f"{metrics}/metrics",
+                  management, log) as launched:
+        wait_ready(f"{management}/models/food", launched.proc, READY_TIMEOUT_S, log,
+                   accept=workers_ready)
+        yield {"base": inference, "metrics": metrics, "management": management, "env": env,
+               "root": root}
 
 
 def test_healthcheck_command_passes(server):
@@ -166,3 +151,24 @@ def test_models_and_metrics(server):
     assert described["modelVersion"] == "1" and described["batchSize"] == 8
     text = requests.get(f"{server['metrics']}/metrics", timeout=10).text
     assert "# TYPE" in text and 'model_name="food"' in text
+
+
+@pytest.mark.parametrize("token_auth", [False, True], ids=["default", "token-auth"])
+def test_launcher_serves_the_mar_on_free_ports_and_stops_it(server, sample_images, tmp_path,
+                                                            token_auth):
+    config = {"disable_token_authorization": "false"} if token_auth else None
+    image = sample_images[0].read_bytes()
+    with start_torchserve(server["root"] / "model_store", {"food": "food.mar"},
+                          tmp_path / "ts", config=config) as ts:
+        assert ts.url != server["base"] and ts.management_url != server["management"]
+        headers = {}
+        if token_auth:
+            keys = json.loads((tmp_path / "ts" / "key_file.json").read_text())
+            refused = requests.put(f"{ts.url}/predictions/food", data=image, timeout=30)
+            assert refused.status_code in (400, 401), refused.text
+            headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
+        r = requests.put(f"{ts.url}/predictions/food", data=image, headers=headers, timeout=30)
+        assert r.status_code == 200 and {t["label"] for t in r.json()} == set(TINY_CLASSES)
+    assert ts.proc.poll() is not None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{ts.url}/ping", timeout=5)

@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from serving.preprocess import PreprocessSpec
+from training import engine
 from training import train as train_mod
 from training.cli import main as cli_main
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import eval_transform, load_splits, train_transform
 from training.evaluate import compute_report
-from training.models import SUPPORTED_ARCHS, build_model
+from training.models import SUPPORTED_ARCHS, build_model, calibrate_batchnorm, check_arch
 from training.sample_data import CLASSES, generate
 from training.tracking import Tracker
 from training.version import CONTRACT_FILES, load_version
@@ -107,6 +108,18 @@ def test_weights_from_a_state_dict_file(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_calibrate_batchnorm_averages_batches_and_skips_singletons():
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    batches = [torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.tensor([[4.0, 5.0]]),
+               torch.tensor([[6.0, 7.0], [8.0, 9.0], [10.0, 11.0]])]
+    out = calibrate_batchnorm(model, batches)
+    bn = model[0]
+    assert out is model and not model.training
+    # the plain average of the two usable batch means (momentum None), not a running EMA
+    assert torch.allclose(bn.running_mean, torch.tensor([(1.0 + 8.0) / 2, (2.0 + 9.0) / 2]))
+    assert int(bn.num_batches_tracked) == 2
+
+
 # ---------------------------------------------------------------- data
 @settings(max_examples=25, deadline=None)
 @given(w=st.integers(10, 200), h=st.integers(10, 200), crop=st.integers(8, 48))
@@ -171,6 +184,21 @@ def test_bad_config_is_one_line_and_exit_2(override, needle, capsys, image_root)
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_config_validation_does_not_import_torch():
+    code = ("import sys; from training.config import load_config; "
+            "load_config(None, {'arch': 'resnet18', 'data_dir': '.'}, resume=True); "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=_repo(), capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_any_torchvision_classifier_passes_the_arch_check():
+    check_arch("resnet18")  # not in SUPPORTED_ARCHS, still a torchvision classifier
+    with pytest.raises(ConfigError, match="resnet9000"):
+        check_arch("resnet9000")
 
 
 def test_class_with_one_image_is_refused(tmp_path):
@@ -319,7 +347,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(image_root, tmp_pat
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert train_mod.load_checkpoint(ckpt)["epoch"] < 3, "the run ended before the kill"
+    assert engine.load_checkpoint(ckpt).epoch < 3, "the run ended before the kill"
     assert cli_main(["train", "--config", str(_repo() / "configs/sample.yaml"), "--resume",
                      "--checkpoint-dir", str(killed / "checkpoints")]) == 0
     c = torch.load(killed / "artifacts" / "food" / "v1" / "model.pth", weights_only=True)
@@ -327,14 +355,39 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(image_root, tmp_pat
 
 
 def test_checkpoint_round_trip_restores_rng(tmp_path):
-    train_mod.seed_everything(7)
-    state = {"rng": train_mod.rng_state(), "x": torch.arange(3)}
-    train_mod.save_checkpoint(tmp_path / "c.pt", state)
+    engine.seed_everything(7)
+    state = engine.Checkpoint(
+        config=TrainConfig().to_dict(), epoch=1, model={"x": torch.arange(3)}, optimizer={},
+        scheduler={}, scaler={}, best_acc=0.5, best_state=None, stale_epochs=0, history=[],
+        train_time=0.0, rng=engine.rng_state(), mlflow_run_id=None)
+    engine.save_checkpoint(tmp_path / "c.pt", state)
     expected = (torch.rand(2), np.random.rand(), __import__("random").random())
-    train_mod.seed_everything(99)
-    train_mod.set_rng_state(train_mod.load_checkpoint(tmp_path / "c.pt")["rng"])
+    engine.seed_everything(99)
+    engine.set_rng_state(engine.load_checkpoint(tmp_path / "c.pt").rng)
     got = (torch.rand(2), np.random.rand(), __import__("random").random())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_checkpoint_is_a_typed_record_written_atomically(tmp_path, monkeypatch):
+    ckpt = engine.Checkpoint(
+        config=TrainConfig().to_dict(), epoch=2, model={"w": torch.ones(2)}, optimizer={},
+        scheduler={}, scaler={}, best_acc=0.5, best_state={"w": torch.zeros(2)},
+        stale_epochs=1, history=[{"epoch": 1}, {"epoch": 2}], train_time=1.5,
+        rng=engine.rng_state(), mlflow_run_id="abc")
+    path = tmp_path / "run" / "last.pt"
+    engine.save_checkpoint(path, ckpt)
+    back = engine.load_checkpoint(path)
+    assert isinstance(back, engine.Checkpoint) and back.epoch == 2 and not back.finished
+    assert torch.equal(back.best_state["w"], torch.zeros(2)) and back.mlflow_run_id == "abc"
+
+    def crash(obj, f):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint(path, ckpt)
+    assert engine.load_checkpoint(path).epoch == 2  # the previous checkpoint is whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
 
 
 def test_predict_and_evaluate_commands(image_root, tmp_path, tracking, capsys):

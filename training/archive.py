@@ -3,9 +3,10 @@
 The .mar holds everything a TorchServe host needs and nothing from this repository has to be
 installed there: the handler, the serialized model (ONNX or TorchScript), ``index_to_name.json``
 (from ``class_to_idx.json``), ``model_config.json`` (preprocessing spec, default top-k), the
-shared ``preprocess.py``/``postprocess.py`` as top-level modules, and ``model-config.yaml``
-(batching, workers, timeout, top-k). It is built by ``torch-model-archiver`` in a temp
-directory and renamed into place, so a running TorchServe never sees half a file.
+``serving/`` modules the handler imports (a package directory, so its imports read the same
+in the repository and inside TorchServe) and ``model-config.yaml`` (batching, workers,
+timeout, top-k). It is built by ``torch-model-archiver`` in a staging directory and renamed
+into place, so a running TorchServe never sees half a file.
 """
 
 from __future__ import annotations
@@ -15,84 +16,77 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
-import serving.postprocess
-import serving.preprocess
-from training.version import ModelVersion, load_version, write_json
+from serving.artifacts import MODEL_FILES, ModelArtifacts, read_model
+from serving.atomic import atomic_write, staging_dir, write_json
+from serving.launch import console_script
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+SERVING = REPO / "serving"
 HANDLER = REPO / "handlers" / "food_handler.py"
 MODEL_CONFIG_YAML = REPO / "serve_config" / "model-config.yaml"
+# The serving modules the handler imports, carried as the .mar's serving/ package.
+CARRIED_MODULES = ("__init__.py", "errors.py", "preprocess.py", "artifacts.py", "predictor.py")
 # ONNX Runtime answered faster than TorchScript at batch 1 and 8 on the sample crop (see
 # the archive report in README); both formats are built and tested.
 DEFAULT_FORMAT = "onnx"
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+FORMATS = ("onnx", "torchscript")
 
 
 class ArchiveError(RuntimeError):
     """The archive cannot be built from what the version holds."""
 
 
-def index_to_name(version: ModelVersion) -> dict[str, str]:
+def index_to_name(version: ModelArtifacts) -> dict[str, str]:
     """TorchServe's label file: ``{"0": "apple_pie", ...}``."""
     return {str(i): label for i, label in enumerate(version.labels)}
 
 
-def serving_yaml(version: ModelVersion, base: Path = MODEL_CONFIG_YAML) -> dict:
+def serving_yaml(version: ModelArtifacts, base: Path = MODEL_CONFIG_YAML) -> dict:
     """The .mar's ``model-config.yaml``: ``base`` with ``handler.topk`` defaulting to the
-    version's ``topk``."""
+    version's default top-k."""
     config = yaml.safe_load(base.read_text()) or {}
     handler = config.setdefault("handler", {}) or {}
     config["handler"] = handler
-    handler.setdefault("topk", int(version.config.get("topk", 5)))
+    handler.setdefault("topk", version.default_topk)
     return config
 
 
-def tool(name: str) -> str:
-    """A console script (``torch-model-archiver``, ``torchserve``) next to this Python, else on
-    PATH, so the commands work from ``.venv`` without activating it."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise ArchiveError(f"{name} not found: pip install -e '.[torchserve]'")
-    return found
-
-
 def model_archiver() -> str:
-    return tool("torch-model-archiver")
+    """The ``torch-model-archiver`` console script (FileNotFoundError saying how to install)."""
+    return console_script("torch-model-archiver")
 
 
 def build_archive(model_dir: str | Path, fmt: str = DEFAULT_FORMAT, name: str | None = None,
                   export_path: str | Path = "model_store",
                   config_yaml: Path = MODEL_CONFIG_YAML) -> Path:
     """Build ``<export_path>/<name>.mar`` from a version directory; returns its path."""
-    if fmt not in MODEL_FILES:
-        raise ArchiveError(f"--format {fmt!r}: allowed {', '.join(MODEL_FILES)}")
-    version = load_version(model_dir)
+    if fmt not in FORMATS:
+        raise ArchiveError(f"--format {fmt!r}: allowed {', '.join(FORMATS)}")
+    version = read_model(model_dir)
     model_file = version.path / MODEL_FILES[fmt]
-    if not model_file.is_file():
+    if fmt not in version.formats:
         raise ArchiveError(f"{model_file} does not exist: run `python -m training export "
                            f"--model {model_dir}` first (make archive does)")
     name = name or version.name
     export_path = Path(export_path)
-    export_path.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory(dir=export_path, prefix=".archive-") as tmp:
-        stage = Path(tmp)
+    with staging_dir(export_path, "archive") as stage:
         write_json(stage / "index_to_name.json", index_to_name(version))
         shutil.copyfile(version.path / "model_config.json", stage / "model_config.json")
-        shutil.copyfile(serving.preprocess.__file__, stage / "preprocess.py")
-        shutil.copyfile(serving.postprocess.__file__, stage / "postprocess.py")
+        package = stage / "carried" / "serving"
+        package.mkdir(parents=True)
+        for module in CARRIED_MODULES:
+            shutil.copyfile(SERVING / module, package / module)
         (stage / "model-config.yaml").write_text(
             yaml.safe_dump(serving_yaml(version, config_yaml), sort_keys=False))
-        extra = [stage / f for f in ("index_to_name.json", "model_config.json",
-                                     "preprocess.py", "postprocess.py")]
+        # A directory among the extra files has its contents copied to the archive's root.
+        extra = [stage / "index_to_name.json", stage / "model_config.json", stage / "carried"]
         cmd = [model_archiver(), "--model-name", name, "--version", str(version.version),
                "--serialized-file", str(model_file), "--handler", str(HANDLER),
                "--extra-files", ",".join(str(p) for p in extra),
@@ -104,7 +98,7 @@ def build_archive(model_dir: str | Path, fmt: str = DEFAULT_FORMAT, name: str | 
             raise ArchiveError(f"torch-model-archiver failed ({result.returncode}): "
                                f"{result.stderr.strip() or result.stdout.strip()}")
         target = export_path / f"{name}.mar"
-        os.replace(stage / f"{name}.mar", target)
+        atomic_write(target, lambda tmp: os.replace(stage / f"{name}.mar", tmp))
     return target
 
 

@@ -1,24 +1,33 @@
-"""``python -m training <command>``: one entry point for every stage before serving."""
+"""``python -m training <command>``: one entry point for every stage before serving.
+
+Each command imports its stage when it runs, so ``--help`` and a bad config answer at once
+without loading torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from dataclasses import MISSING, fields
 
-log = logging.getLogger("training")
+from training.config import ConfigError, TrainConfig, load_config
+
+# Our loggers: progress and results. Everything else (onnx_ir and onnxscript during ONNX
+# export, torch.onnx, MLflow, alembic, matplotlib) speaks at WARNING and up only.
+OWN_LOGGERS = ("training", "serving")
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training.config import ConfigError, load_config
     from training.train import train
 
     try:
         config = load_config(args.config, overrides, resume=args.resume)
+        train(config, resume=args.resume)  # checks the arch against torchvision first
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train(config, resume=args.resume)
     return 0
 
 
@@ -56,8 +65,9 @@ def _sample_data(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from training.export import export_cli
+    from training.triton import triton_cli
 
-    return export_cli(args)
+    return export_cli(args) or triton_cli(args)
 
 
 def _archive(args: argparse.Namespace) -> int:
@@ -73,10 +83,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _config_help() -> str:
-    from dataclasses import MISSING, fields
-
-    from training.config import TrainConfig
-
     lines = ["config keys (YAML) = overrides (--key value), with their defaults:"]
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -124,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write model.int8.onnx (static QDQ quantization)")
     p.add_argument("--min-agreement", type=float, default=0.98,
                    help="refuse the int8 model under this top-1 agreement with float")
+    p.add_argument("--triton-repo", default=None, metavar="DIR",
+                   help="also add the ONNX model to a Triton model repository in DIR")
+    p.add_argument("--triton-max-batch-size", type=int, default=8,
+                   help="max_batch_size in the Triton config.pbtxt (0: no batching)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("archive", help="build model_store/<name>.mar for TorchServe")
@@ -138,11 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """Our own loggers at INFO (DEBUG with -v), third-party ones at WARNING: the ONNX
+    exporter alone logs hundreds of INFO lines that would bury the results."""
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # MLflow gives its loggers their own handler and level when it is imported (later,
+    # and in the subprocesses of `demo`); this is its documented setting for that level.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if "mlflow" in sys.modules:  # already imported (in-process callers): set it directly
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     if getattr(args, "takes_overrides", False):
         return args.func(args, rest)
     if rest:

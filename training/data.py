@@ -22,6 +22,7 @@ from torchvision import transforms as T
 
 from serving.preprocess import InputError, PreprocessSpec, decode_image, preprocess
 from training.config import TrainConfig
+from training.imagefolder import scan_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -97,39 +98,6 @@ def collate_skipping_none(batch):
     if not batch:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.utils.data.default_collate(batch)
-
-
-def is_image(path: Path) -> bool:
-    """True when Pillow can identify and verify the file as an image."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except Exception:  # noqa: BLE001 - Pillow raises many kinds; any of them means "not an image"
-        return False
-
-
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def count_images_per_class(root: Path) -> dict[str, int]:
-    """Files per class directory of an ImageFolder tree (cheap: no decoding)."""
-    return {d.name: sum(1 for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
-            for d in _class_dirs(root)}
-
-
-def scan_image_folder(root: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """``root/<class>/**/<file>`` -> files per class, plus the files that are not images."""
-    per_class: dict[str, list[str]] = {}
-    skipped: list[str] = []
-    for d in _class_dirs(root):
-        files = sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
-        good = []
-        for f in files:
-            (good if is_image(f) else skipped).append(str(f))
-        per_class[d.name] = good
-    return per_class, skipped
 
 
 def _split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list, list]:

@@ -1,7 +1,8 @@
 """``python -m training demo``: the whole chain on the sample data, end to end.
 
-Generate the sample data, train, export, archive, start TorchServe exactly as the README does,
-classify the example images, stop TorchServe, and print what came back.
+Generate the sample data, train, export, archive, start TorchServe on free loopback ports
+(``serving.launch``, so a server already on 8080 does not get in the way), classify the
+example images, stop TorchServe, and print what came back.
 """
 
 from __future__ import annotations
@@ -9,22 +10,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from training.archive import build_archive, tool
+from serving.launch import start_torchserve
+from training.archive import build_archive
 from training.export import export_version
 
 MODEL = Path("artifacts/food/latest")
-TS_CONFIG = "serve_config/config.properties"
-INFERENCE = "http://127.0.0.1:8080"
+WORKDIR = Path("logs/demo")  # TorchServe's config, logs and pid file for this run
 READY_TIMEOUT_S = 180
-
-
-def torchserve() -> str:
-    return tool("torchserve")
 
 
 def run(*args: str) -> None:
@@ -34,7 +30,7 @@ def run(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def classify(path: Path, base: str = INFERENCE, timeout: float = 30) -> tuple[int, object]:
+def classify(path: Path, base: str, timeout: float = 30) -> tuple[int, object]:
     """PUT one image to /predictions/food, like ``curl -T``; (status, parsed JSON)."""
     # urllib would label the body form-urlencoded, which TorchServe's frontend answers with
     # a 500 before any handler runs; say it is raw bytes, as curl -T does in effect.
@@ -48,19 +44,6 @@ def classify(path: Path, base: str = INFERENCE, timeout: float = 30) -> tuple[in
         return e.code, json.loads(e.read() or b"null")
 
 
-def wait_ready(probe: Path, base: str = INFERENCE, timeout: float = READY_TIMEOUT_S) -> None:
-    """Block until the model answers a prediction (workers loaded), or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if classify(probe, base, timeout=10)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"TorchServe did not answer within {timeout:.0f}s; see logs/")
-
-
 def demo_cli(args) -> int:
     """Train on the sample, export, archive, serve with TorchServe, classify, stop."""
     if not Path("data/sample").is_dir():
@@ -70,24 +53,21 @@ def demo_cli(args) -> int:
     for result in export_version(MODEL).parity:
         print(f"  {result}")
     print(f"$ python -m training archive --model {MODEL}", flush=True)
-    print(f"  wrote {build_archive(MODEL)}")
+    mar = build_archive(MODEL)
+    print(f"  wrote {mar}")
 
     examples = sorted(p for p in Path("examples").glob("*") if p.suffix.lower()
                       in {".jpg", ".jpeg", ".png"})
     if not examples:
         print("no images in examples/ to classify", file=sys.stderr)
         return 1
-    start = [torchserve(), "--start", "--ts-config", TS_CONFIG, "--models", "food=food.mar",
-             "--ncs"]
-    print("$ torchserve", " ".join(start[1:]), flush=True)
-    subprocess.run(start, check=True)
-    try:
-        wait_ready(examples[0])
+    print(f"$ torchserve --start --models food={mar.name} --ncs  (free loopback ports, "
+          f"config and logs in {WORKDIR}/)", flush=True)
+    with start_torchserve(mar.parent, {"food": mar.name}, WORKDIR,
+                          ready_timeout=READY_TIMEOUT_S) as server:
         for path in examples:
-            status, answer = classify(path)
-            print(f"$ curl -T {path} localhost:8080/predictions/food  -> {status}")
+            status, answer = classify(path, server.url)
+            print(f"$ curl -T {path} {server.url}/predictions/food  -> {status}")
             print(f"  {json.dumps(answer)}")
-    finally:
         print("$ torchserve --stop", flush=True)
-        subprocess.run([torchserve(), "--stop"], check=False)
     return 0

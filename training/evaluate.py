@@ -13,30 +13,19 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from serving.postprocess import softmax
-from training.version import atomic_write_bytes, write_json
+from serving.atomic import atomic_write_bytes, write_json
+from serving.predictor import softmax
+from training.data import eval_transform, make_loader
+from training.engine import pick_device, run_inference
+from training.models import load_eager
+from training.version import load_version
 
 log = logging.getLogger(__name__)
 
 # Above this many classes the confusion-matrix plot shows the most-confused subset only.
 MAX_PLOTTED_CLASSES = 25
-
-
-@torch.no_grad()
-def run_inference(model: torch.nn.Module, loader, device: torch.device
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and true labels (N,) over a loader, model in eval mode."""
-    model.eval()
-    logits, labels = [], []
-    for x, y in loader:
-        if len(x) == 0:
-            continue
-        logits.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
-        labels.append(y.numpy())
-    return np.concatenate(logits), np.concatenate(labels)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -153,26 +142,18 @@ def write_reports(out_dir: Path, samples: list[tuple[str, int]], logits: np.ndar
     return report
 
 
-def read_validation_samples(version_dir: Path, class_to_idx: dict[str, int]
-                            ) -> list[tuple[str, int]]:
-    """The validation images a version was judged on, from its predictions.csv."""
-    with open(version_dir / "predictions.csv", newline="") as f:
-        return [(row["path"], class_to_idx[row["true_label"]]) for row in csv.DictReader(f)]
-
-
 def evaluate_version(model_path: str | Path, device: str = "auto", batch_size: int = 64
                      ) -> dict:
     """Re-run evaluation of a version on its validation images and rewrite its reports."""
-    from training.data import eval_transform, make_loader
-    from training.predict import load_eager
-    from training.train import pick_device
-    from training.version import load_version
-
     version_dir = Path(model_path).resolve()
     version = load_version(version_dir)
+    rows = version.validation_samples()  # predictions.csv, written by write_reports
+    if not rows:
+        raise FileNotFoundError(f"{version_dir}/predictions.csv lists no validation images; "
+                                f"it is written by `python -m training train`")
+    samples = [(p, version.class_to_idx[label]) for p, label in rows]
     model = load_eager(version)
     dev = pick_device(device)
-    samples = read_validation_samples(version_dir, version.class_to_idx)
     missing = [p for p, _ in samples if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} validation image(s) of {version_dir} are gone, "

@@ -3,7 +3,8 @@ eager PyTorch on real images; optionally add a static int8 ONNX model.
 
 ``python -m training export --model artifacts/food/latest [--quantize int8]`` writes
 ``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into the version directory. Each file
-is written under a temporary name, checked, and only then renamed into place.
+is written under a temporary name, checked, and only then renamed into place
+(``serving.atomic.atomic_write``).
 
 ONNX uses torch's dynamo exporter (the default since torch 2.9; the TorchScript-based one is
 deprecated) with ``external_data=False`` so the weights stay inside the one ``.onnx`` file
@@ -12,10 +13,9 @@ deprecated) with ``external_data=False`` so the weights stay inside the one ``.o
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from serving.atomic import atomic_write
+from serving.predictor import ort_session
 from serving.preprocess import InputError, PreprocessSpec, preprocess_bytes
-from training.predict import load_eager
+from training.models import load_eager
 from training.version import ModelVersion, load_version
 
 log = logging.getLogger(__name__)
@@ -79,12 +81,7 @@ def dataset_root(version: ModelVersion) -> Path | None:
 def validation_images(version: ModelVersion) -> list[tuple[Path, str]]:
     """(path, true label) of the version's validation images that still exist, from the
     ``predictions.csv`` training wrote."""
-    csv_path = version.path / "predictions.csv"
-    if not csv_path.is_file():
-        return []
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [(Path(r["path"]), r["true_label"]) for r in rows if Path(r["path"]).is_file()]
+    return [(Path(p), label) for p, label in version.validation_samples() if Path(p).is_file()]
 
 
 def training_images(version: ModelVersion, limit: int = MAX_CALIBRATION_IMAGES) -> list[Path]:
@@ -137,21 +134,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
-    module = torch.jit.load(str(path), map_location="cpu").eval()
-    with torch.inference_mode():
-        return module(torch.from_numpy(x)).numpy()
-
-
-def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def run_onnx(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits from ONNX Runtime, fed ``batch_size`` images at a time."""
-    session = _ort_session(path)
+    session = ort_session(path)
     return np.concatenate([session.run(["logits"], {"input": x[i:i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
 
@@ -170,8 +155,10 @@ def compare(runtime: str, batch_size: int, reference: np.ndarray,
 def check_parity(model: nn.Module, ts_path: Path, onnx_path: Path,
                  images: np.ndarray) -> list[ParityResult]:
     """TorchScript and ONNX Runtime against eager PyTorch at batch 1 and batch 8."""
-    ts_module = torch.jit.load(str(ts_path), map_location="cpu").eval()
-    session = _ort_session(onnx_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation, as above
+        ts_module = torch.jit.load(str(ts_path), map_location="cpu").eval()
+    session = ort_session(onnx_path)
     results = []
     for bs in PARITY_BATCH_SIZES:
         chunks = [images[i:i + bs] for i in range(0, len(images), bs)]
@@ -203,19 +190,20 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration: np.ndarray,
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    tmp_pre = out_path.with_name(f".{out_path.stem}.pre.onnx")
-    tmp_out = out_path.with_name(f".{out_path.name}.tmp")
-    try:
-        quant_pre_process(str(onnx_path), str(tmp_pre), skip_symbolic_shape=True)
-        quantize_static(str(tmp_pre), str(tmp_out), _Calibration(calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    report: dict = {}
+
+    def write_checked(tmp_out: Path) -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            pre = Path(scratch) / "pre.onnx"
+            quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(tmp_out), _Calibration(calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         float_top1 = run_onnx(onnx_path, validation, 8).argmax(1)
         int8_top1 = run_onnx(tmp_out, validation, 8).argmax(1)
-        report = {"agreement": float((float_top1 == int8_top1).mean()),
-                  "num_images": len(validation),
-                  "calibration_images": len(calibration),
-                  "min_agreement": float(min_agreement)}
+        report.update(agreement=float((float_top1 == int8_top1).mean()),
+                      num_images=len(validation), calibration_images=len(calibration),
+                      min_agreement=float(min_agreement))
         if labels is not None:
             report["float_accuracy"] = float((float_top1 == labels).mean())
             report["int8_accuracy"] = float((int8_top1 == labels).mean())
@@ -223,11 +211,9 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration: np.ndarray,
             raise ExportError(f"int8 top-1 agreement {report['agreement']:.2%} with the float "
                               f"model is under --min-agreement {min_agreement:.2%}; "
                               f"{out_path.name} not written")
-        os.replace(tmp_out, out_path)
-        return report
-    finally:
-        tmp_pre.unlink(missing_ok=True)
-        tmp_out.unlink(missing_ok=True)
+
+    atomic_write(out_path, write_checked)  # renamed into place only if the check passed
+    return report
 
 
 def log_to_mlflow(version: ModelVersion, onnx_path: Path, files: list[Path],
@@ -279,20 +265,21 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
 
     report = ExportReport()
     ts_path, onnx_path = version.path / "model.ts", version.path / "model.onnx"
-    tmp_ts = version.path / ".model.ts.tmp"
-    tmp_onnx = version.path / ".model.tmp.onnx"
-    try:
-        export_torchscript(model, example, tmp_ts)
+
+    # Both files go to temp names and are checked together; each is renamed into place
+    # only when everything inside its atomic_write returned, so a refusal writes nothing.
+    def write_onnx(tmp_onnx: Path) -> None:
         export_onnx(model, example, tmp_onnx)
+        atomic_write(ts_path, lambda tmp_ts: write_torchscript(tmp_ts, tmp_onnx))
+
+    def write_torchscript(tmp_ts: Path, tmp_onnx: Path) -> None:
+        export_torchscript(model, example, tmp_ts)
         report.parity = check_parity(model, tmp_ts, tmp_onnx, batch)
         if not all(r.ok for r in report.parity):
             raise ExportError("parity check failed, model.ts/model.onnx not written:\n"
                               + "\n".join(str(r) for r in report.parity))
-        os.replace(tmp_ts, ts_path)
-        os.replace(tmp_onnx, onnx_path)
-    finally:
-        tmp_ts.unlink(missing_ok=True)
-        tmp_onnx.unlink(missing_ok=True)
+
+    atomic_write(onnx_path, write_onnx)
     report.files = [ts_path, onnx_path]
 
     if quantize == "int8":

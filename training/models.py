@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 
-log = logging.getLogger(__name__)
+from training.config import FREEZE_POLICIES, SUPPORTED_ARCHS, ConfigError
+from training.version import ModelVersion
 
-SUPPORTED_ARCHS = ("mobilenet_v2", "efficientnet_b0", "resnet50")
-FREEZE_POLICIES = ("first_n_blocks", "none", "all_but_head")
+log = logging.getLogger(__name__)
 
 
 def available_archs() -> list[str]:
-    """Every torchvision classification model name (the three above are the tested ones)."""
+    """Every torchvision classification model name (SUPPORTED_ARCHS are the tested ones)."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(arch: str) -> None:
+    """Refuse an arch torchvision does not have, naming the tested ones; raises ConfigError.
+
+    Config validation knows only the static SUPPORTED_ARCHS (it must not import torch);
+    any other torchvision classification model is checked here, before training starts.
+    """
+    if arch not in SUPPORTED_ARCHS and arch not in available_archs():
+        raise ConfigError(f"arch={arch!r} is not a torchvision classification model; "
+                          f"use one of {', '.join(SUPPORTED_ARCHS)} (or see "
+                          f"torchvision.models.list_models())")
 
 
 def _head_attr(model: nn.Module) -> str:
@@ -115,8 +129,36 @@ def build_model(arch: str, num_classes: int, weights: str = "none",
     return model
 
 
+def load_eager(version: ModelVersion) -> nn.Module:
+    """Rebuild a version's model from ``model.pth`` (weights only, no pickle), eval mode."""
+    model = build_model(version.config["arch"], version.config["num_classes"], weights="none")
+    state = torch.load(version.path / "model.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor | np.ndarray]) -> nn.Module:
+    """Set every BatchNorm's running statistics to the plain average over ``batches``
+    (train-mode forward passes, no gradient), then return the model in eval mode.
+
+    Random-weight models answer every image alike with the default statistics; a few real
+    (or random) batches make their answers depend on the image. Batches of one are skipped:
+    BatchNorm cannot take statistics over a single sample.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for batch in batches:
+        if len(batch) > 1:
+            model(torch.as_tensor(batch))
+    return model.eval()

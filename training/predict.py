@@ -8,18 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.postprocess import softmax, topk
-from serving.preprocess import preprocess_bytes
-from training.models import build_model
-from training.version import ModelVersion, load_version
-
-
-def load_eager(version: ModelVersion) -> torch.nn.Module:
-    """Rebuild a version's model from ``model.pth`` (weights only, no pickle), eval mode."""
-    model = build_model(version.config["arch"], version.config["num_classes"], weights="none")
-    state = torch.load(version.path / "model.pth", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
+from serving.predictor import Predictor
+from training.models import load_eager
+from training.version import load_version
 
 
 @torch.no_grad()
@@ -28,7 +19,10 @@ def predict_files(images: list[str], model_path: str | Path = "artifacts/food/la
     """``[(image, [{"label", "probability"}, ...]), ...]`` for each image file."""
     version = load_version(model_path)
     model = load_eager(version)
+    # The servers' decode and encode stages; eager PyTorch stands in for their infer stage.
+    stages = Predictor(version, session=None)
     k = max(1, min(k, len(version.labels)))
-    batch = np.stack([preprocess_bytes(Path(p).read_bytes(), version.spec) for p in images])
-    probs = softmax(model(torch.from_numpy(batch)).numpy())
-    return [(p, topk(row, version.labels, k)) for p, row in zip(images, probs)]
+    batch = np.stack([stages.decode(p) for p in images])
+    logits = model(torch.from_numpy(batch)).numpy()
+    return [(p, [pred.to_dict() for pred in stages.encode(row, k)])
+            for p, row in zip(images, logits)]

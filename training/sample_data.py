@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+from serving.atomic import atomic_write, publish_dir, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -356,26 +356,6 @@ def _train_size(rng: np.random.Generator) -> tuple[int, int]:
     return (long, short) if rng.random() < 0.6 else (short, long)
 
 
-def _save_jpeg(img: Image.Image, path: Path, quality: int) -> None:
-    """Write ``path`` atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".jpg")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="JPEG", quality=quality)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process umask (mkstemp/mkdtemp create owner-only files; we want the usual modes)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _is_complete(root: Path, per_class: int) -> bool:
     return all(len(list((root / c).glob("*.jpg"))) == per_class for c in CLASSES) and \
         sorted(p.name for p in root.iterdir()) == sorted(CLASSES)
@@ -400,9 +380,7 @@ def generate(root: str | os.PathLike, examples_dir: str | os.PathLike = "example
         raise FileExistsError(f"{root} exists but is not a complete sample set of "
                               f"{per_class} images per class {list(CLASSES)}; delete it or "
                               f"choose another directory")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-    try:
+    with staging_dir(root.parent, root.name) as tmp:
         for ci, label in enumerate(CLASSES):
             (tmp / label).mkdir()
             for i in range(per_class):
@@ -410,15 +388,13 @@ def generate(root: str | os.PathLike, examples_dir: str | os.PathLike = "example
                 img = draw(label, rng, _train_size(rng))
                 img.save(tmp / label / f"{i:04d}.jpg", format="JPEG",
                          quality=int(rng.integers(60, 96)))
-        os.chmod(tmp, 0o777 & ~_umask())
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish_dir(tmp, root)
     examples.mkdir(parents=True, exist_ok=True)
     for ci, label in enumerate(CLASSES):
         rng = np.random.default_rng([seed, EXAMPLE_STREAM, ci, 0])
-        _save_jpeg(draw(label, rng, EXAMPLE_SIZE), examples / f"{label}.jpg", quality=85)
+        img = draw(label, rng, EXAMPLE_SIZE)
+        atomic_write(examples / f"{label}.jpg",
+                     lambda tmp, img=img: img.save(tmp, format="JPEG", quality=85))
     log.info("sample data: %d images in %s, %d examples in %s", per_class * len(CLASSES),
              root, len(CLASSES), examples)
     return (f"wrote {per_class * len(CLASSES)} synthetic images ({per_class} per class: "

@@ -7,11 +7,22 @@ becomes a no-op, so a user without MLflow still gets their model version.
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+
+
+def git_commit() -> str | None:
+    """The commit this code was checked out at (recorded in a version), or None outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=False, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 class Tracker:

@@ -1,5 +1,5 @@
 """The training recipe, top to bottom: data -> model -> loop -> best weights -> evaluation ->
-model version -> MLflow registry.
+model version -> MLflow registry. The per-epoch mechanics live in ``engine.py``.
 
 Reproducibility: every epoch re-seeds torch and the loader's generator from ``seed + epoch``,
 so an epoch's shuffling, augmentation and dropout depend only on the seed and the epoch.
@@ -10,20 +10,16 @@ replays the uninterrupted run bit for bit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-import os
-import random
-import subprocess
-import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from serving.atomic import write_json
 from training.config import TrainConfig
 from training.data import (
     DataSplits,
@@ -33,35 +29,30 @@ from training.data import (
     make_loader,
     train_transform,
 )
-from training.evaluate import plot_training_curves, run_inference, write_reports
-from training.models import build_model, count_parameters
-from training.tracking import Tracker
-from training.version import create_version, make_model_config, write_json
+from training.engine import (
+    Checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    pick_device,
+    rng_state,
+    run_inference,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    train_one_epoch,
+    validate,
+)
+from training.evaluate import plot_training_curves, write_reports
+from training.models import build_model, check_arch, count_parameters
+from training.tracking import Tracker, git_commit
+from training.version import create_version, make_model_config
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- setup helpers
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; anything else is taken as given."""
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device={name!r} asked for but CUDA is not available")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
+# ---------------------------------------------------------------- optimizer and schedule
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    """The configured optimizer over the parameters left trainable by the freeze policy."""
     params = [p for p in params if p.requires_grad]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -77,111 +68,19 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience)
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                             timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-# ---------------------------------------------------------------- checkpoints (resume state)
-def checkpoint_path(config: TrainConfig) -> Path:
-    return Path(config.checkpoint_dir) / config.name / "last.pt"
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                      *np_state[2:]],
-            "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file then rename: a kill -9 leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".last.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"nothing to resume: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# ---------------------------------------------------------------- one epoch
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, config: TrainConfig,
-                    epoch: int) -> dict:
-    model.train()
-    use_amp = config.amp and device.type == "cuda"
-    total_loss, correct, seen = 0.0, 0, 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-               dynamic_ncols=True)
-    for x, y in bar:
-        if len(x) == 0:
-            continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(x)
-            loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}",
-                        img_s=f"{seen / max(elapsed, 1e-9):.0f}")
-    elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
-
-
-def validate(model, loader, criterion, device) -> tuple[dict, np.ndarray, np.ndarray]:
-    logits, labels = run_inference(model, loader, device)
-    loss = criterion(torch.from_numpy(logits), torch.from_numpy(labels)).item()
-    return ({"val_loss": loss, "val_acc": float((logits.argmax(1) == labels).mean())},
-            logits, labels)
-
-
 # ---------------------------------------------------------------- the run
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train per ``config``; returns the new version directory ``artifacts/<name>/v<N>``."""
     ckpt_file = checkpoint_path(config)
-    ckpt = None
+    ckpt: Checkpoint | None = None
     if resume:
         ckpt = load_checkpoint(ckpt_file)
-        if ckpt["finished"]:
+        if ckpt.finished:
             raise RuntimeError(f"the run in {ckpt_file} already finished (it wrote "
-                               f"{ckpt.get('version_dir')}); start a new one without --resume")
-        config = TrainConfig(**ckpt["config"])  # the interrupted run's settings, exactly
-        log.info("resuming %s after epoch %d", ckpt_file, ckpt["epoch"])
+                               f"{ckpt.version_dir}); start a new one without --resume")
+        config = TrainConfig(**ckpt.config)  # the interrupted run's settings, exactly
+        log.info("resuming %s after epoch %d", ckpt_file, ckpt.epoch)
+    check_arch(config.arch)  # before any data is read: a typo costs one line, not a scan
 
     device = pick_device(config.device)
     seed_everything(config.seed)
@@ -198,18 +97,18 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     scheduler = make_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
 
-    start_epoch, best_acc, best_state, stale, history = 1, -1.0, None, 0, []
-    train_time = 0.0
+    # The loop's state: fresh, or exactly where the interrupted run left it.
+    start_epoch, best_acc, best_state, stale, history, train_time = 1, -1.0, None, 0, [], 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_acc, stale = ckpt["epoch"] + 1, ckpt["best_acc"], ckpt["stale_epochs"]
-        best_state, history, train_time = ckpt["best_state"], ckpt["history"], ckpt["train_time"]
-        set_rng_state(ckpt["rng"])
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        scaler.load_state_dict(ckpt.scaler)
+        start_epoch, best_acc, stale = ckpt.epoch + 1, ckpt.best_acc, ckpt.stale_epochs
+        best_state, history, train_time = ckpt.best_state, ckpt.history, ckpt.train_time
+        set_rng_state(ckpt.rng)
 
-    tracker = Tracker(config.experiment, run_id=ckpt["mlflow_run_id"] if ckpt else None)
+    tracker = Tracker(config.experiment, run_id=ckpt.mlflow_run_id if ckpt else None)
     if ckpt is None:
         tracker.log_params({**config.to_dict(), "num_classes": len(splits.classes),
                             "num_train": len(splits.train), "num_val": len(splits.val),
@@ -225,6 +124,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, config.epochs + 1):
+            # An epoch's randomness depends on (seed, epoch) only: that makes resume exact.
             torch.manual_seed(config.seed + epoch)
             loader_gen.manual_seed(config.seed + epoch)
             stats = train_one_epoch(model, train_loader, criterion, optimizer, scaler, device,
@@ -244,14 +144,13 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             log.info("epoch %d/%d  train_loss %.4f acc %.4f  val_loss %.4f acc %.4f  lr %.2g"
                      "  %.0f img/s", epoch, config.epochs, row["train_loss"], row["train_acc"],
                      row["val_loss"], row["val_acc"], lr, row["images_per_s"])
-            stop = stale >= config.early_stop_patience
-            save_checkpoint(ckpt_file, {
-                "config": config.to_dict(), "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "best_acc": best_acc, "best_state": best_state,
-                "stale_epochs": stale, "history": history, "train_time": train_time,
-                "rng": rng_state(), "mlflow_run_id": tracker.run_id, "finished": False})
-            if stop:
+            save_checkpoint(ckpt_file, Checkpoint(
+                config=config.to_dict(), epoch=epoch, model=model.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), best_acc=best_acc, best_state=best_state,
+                stale_epochs=stale, history=history, train_time=train_time, rng=rng_state(),
+                mlflow_run_id=tracker.run_id))
+            if stale >= config.early_stop_patience:
                 log.info("early stopping: val_acc has not improved for %d epochs", stale)
                 break
     except KeyboardInterrupt:
@@ -262,9 +161,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     model.load_state_dict(best_state)
     version_dir = _write_version(config, model, splits, val_loader, device, history,
                                  best_acc, train_time, tracker)
-    ckpt_state = load_checkpoint(ckpt_file)
-    ckpt_state.update(finished=True, version_dir=str(version_dir))
-    save_checkpoint(ckpt_file, ckpt_state)
+    # Mark the run finished (from the file: its model tensors are the last epoch's, and the
+    # live model now holds the best weights), so --resume cannot write a second version.
+    save_checkpoint(ckpt_file, dataclasses.replace(load_checkpoint(ckpt_file), finished=True,
+                                                   version_dir=str(version_dir)))
     tracker.end()
     return version_dir
 

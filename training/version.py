@@ -1,22 +1,21 @@
 """Model versions: ``artifacts/<model>/v<N>/``, written once and atomically.
 
-A version is assembled in a hidden temp directory next to its final place and renamed into
-``v<N>`` in one step, so a reader never sees half a version; ``latest`` is a relative symlink
-swapped atomically afterwards. See DESIGN.md for the files a version holds.
+A version is assembled in a hidden staging directory next to its final place and renamed
+into ``v<N>`` in one step (``serving.atomic``), so a reader never sees half a version;
+``latest`` is a relative symlink swapped atomically afterwards. Reading a version back is
+``serving.artifacts.read_model``'s job; see DESIGN.md for the files a version holds.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from serving.postprocess import labels_from_class_to_idx
+from serving.artifacts import DEFAULT_TOPK, ModelArtifacts, labels_from_class_to_idx, read_model
+
+# write_json: re-exported only until every caller imports it from serving.atomic.
+from serving.atomic import point_symlink, publish_dir, staging_dir, write_json  # noqa: F401
 from serving.preprocess import PreprocessSpec
 
 # Files every complete version holds (export adds model.ts / model.onnx later).
@@ -25,53 +24,12 @@ CONTRACT_FILES = ("model.pth", "class_to_idx.json", "model_config.json", "evalua
 
 _VERSION_RE = re.compile(r"^v(\d+)$")
 
-
-@dataclass(frozen=True)
-class ModelVersion:
-    """A version directory read back: where it is and what it says about itself."""
-
-    path: Path
-    config: dict
-    class_to_idx: dict[str, int]
-
-    @property
-    def name(self) -> str:
-        return self.config["name"]
-
-    @property
-    def version(self) -> int:
-        return int(self.config["version"])
-
-    @property
-    def labels(self) -> list[str]:
-        return labels_from_class_to_idx(self.class_to_idx)
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.config["preprocessing"])
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically (temp file in the same directory, then rename), mode 0644."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+# A version read back: path, config, class_to_idx, labels, spec, name, version, ...
+ModelVersion = ModelArtifacts
 
 
 def make_model_config(name: str, version: int, arch: str, class_to_idx: dict[str, int],
-                      spec: PreprocessSpec, topk: int = 3, **extra: object) -> dict:
+                      spec: PreprocessSpec, topk: int = DEFAULT_TOPK, **extra: object) -> dict:
     """The ``model_config.json`` contract: what every downstream stage reads.
 
     ``extra`` carries the descriptive fields (created, dataset, weights, metrics,
@@ -94,48 +52,26 @@ def existing_versions(model_root: Path) -> list[int]:
 def create_version(model_root: Path, write: Callable[[Path, int], None]) -> Path:
     """Create the next ``v<N>`` under ``model_root`` by calling ``write(tmp_dir, N)``.
 
-    ``write`` fills a temp directory; only if it returns is the directory renamed into place
-    and ``latest`` pointed at it. A concurrent writer that took N first makes us take N+1.
+    ``write`` fills a staging directory; only if it returns is the directory renamed into
+    place and ``latest`` pointed at it. A concurrent writer that took N first makes us take
+    N+1.
     """
     model_root = Path(model_root)
-    model_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_root, prefix=".incomplete-"))
-    os.chmod(tmp, 0o755)
-    try:
+    with staging_dir(model_root, "version") as tmp:
         while True:
             number = (existing_versions(model_root) or [0])[-1] + 1
             write(tmp, number)
             final = model_root / f"v{number}"
             try:
-                os.rename(tmp, final)  # atomic; fails if final exists and is non-empty
+                publish_dir(tmp, final)  # atomic; fails if final exists and is non-empty
                 break
             except OSError:
                 if not final.exists():
                     raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    point_latest(model_root, final.name)
+    point_symlink(model_root / "latest", final.name)
     return final
-
-
-def point_latest(model_root: Path, target: str) -> None:
-    """Atomically make ``model_root/latest`` a relative symlink to ``target``."""
-    link = model_root / "latest"
-    tmp_link = model_root / f".latest.{os.getpid()}"
-    tmp_link.unlink(missing_ok=True)
-    os.symlink(target, tmp_link)
-    os.replace(tmp_link, link)
 
 
 def load_version(path: str | Path) -> ModelVersion:
     """Read a version directory (``artifacts/food/v3`` or ``artifacts/food/latest``)."""
-    path = Path(path)
-    config_file = path / "model_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a model version (no model_config.json); train one with "
-            f"`make train` or point --model at artifacts/<model>/v<N>")
-    config = json.loads(config_file.read_text())
-    class_to_idx = json.loads((path / "class_to_idx.json").read_text())
-    return ModelVersion(path.resolve(), config, class_to_idx)
+    return read_model(path)

@@ -1,12 +1,13 @@
-"""Training throughput: images/s of the training loop per backbone, at the sample config
-(crop 96) and at 224, with the share of the time spent waiting for the data loader.
+"""Training throughput: images/s of the training loop per backbone, with the share of the
+time spent waiting for the data loader, for two recipes: ``configs/sample.yaml`` as it is, and
+the same at the production size (resize 256, crop 224, RandomResizedCrop scale 0.08-1).
 
-    python -m benchmarks.training [--quick|--full] [--arch mobilenet_v2]
+    python -m benchmarks.bench_training [--quick|--full] [--arch mobilenet_v2]
 
-It runs the project's own pieces (``training.data`` loader and augmentation,
-``training.models.build_model``, Adam, label-smoothed cross-entropy) for a fixed number of
-steps on the generated sample images; weights are random (no download here), which does not
-change the cost of a step.
+It runs the project's own pieces (``training.config`` recipe, ``training.data`` loader and
+augmentation, ``training.models.build_model``, the recipe's optimizer and label-smoothed
+cross-entropy) for a fixed number of steps on the generated sample images; weights are random
+(no download here), which does not change the cost of a step.
 """
 
 from __future__ import annotations
@@ -19,32 +20,42 @@ from pathlib import Path
 
 from benchmarks import passive_openmp, report
 from benchmarks.timing import median_spread
-from benchmarks.versions import BACKBONES, SCRATCH, bench_images
+from benchmarks.versions import BACKBONES, CROP, REPO, RESIZE, SCRATCH, bench_images
 
 log = logging.getLogger(__name__)
 
-SAMPLE = {"resize": 112, "crop": 96, "batch_size": 32, "scale": (0.5, 1.0)}  # configs/sample
-FULL_SIZE = {"resize": 256, "crop": 224, "batch_size": 32, "scale": (0.08, 1.0)}
+SAMPLE_CONFIG = REPO / "configs" / "sample.yaml"
+PRODUCTION_SIZE = {"resize_size": RESIZE, "crop_size": CROP, "random_crop_scale": [0.08, 1.0]}
 
 
-def train_steps(arch: str, samples: list, num_classes: int, setting: dict, steps: int,
+def recipes(data_dir: Path) -> list:
+    """The sample recipe as ``configs/sample.yaml`` has it, then the same at the production
+    size, both reading ``data_dir``."""
+    from training.config import load_config
+
+    return [load_config(SAMPLE_CONFIG, {"data_dir": str(data_dir)}),
+            load_config(SAMPLE_CONFIG, {"data_dir": str(data_dir), **PRODUCTION_SIZE})]
+
+
+def train_steps(arch: str, samples: list, num_classes: int, recipe, steps: int,
                 repeats: int, workers: int) -> dict:
-    """Time ``repeats`` blocks of ``steps`` optimizer steps after one warm-up step."""
+    """Time ``repeats`` blocks of ``steps`` optimizer steps of ``recipe`` (a TrainConfig)
+    after one warm-up step."""
     import torch
     from torch import nn
 
-    from serving.preprocess import PreprocessSpec
     from training.data import make_loader, train_transform
     from training.models import build_model
+    from training.train import make_optimizer
 
-    spec = PreprocessSpec(resize_size=setting["resize"], crop_size=setting["crop"])
-    needed = (steps * repeats + 1) * setting["batch_size"]
+    needed = (steps * repeats + 1) * recipe.batch_size
     pool = samples * (needed // len(samples) + 1)
-    loader = make_loader(pool, train_transform(spec, setting["scale"]), setting["batch_size"],
-                         workers, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = make_loader(pool, train_transform(recipe.spec, recipe.random_crop_scale),
+                         recipe.batch_size, workers, shuffle=True,
+                         generator=torch.Generator().manual_seed(0))
     model = build_model(arch, num_classes, weights="none").train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    optimizer = make_optimizer(recipe, model.parameters())
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     batches = iter(loader)
 
     def step() -> tuple[float, float, int]:
@@ -68,7 +79,7 @@ def train_steps(arch: str, samples: list, num_classes: int, setting: dict, steps
         rates.append(seen / (wait + compute))
         shares.append(wait / (wait + compute))
     rate = median_spread(rates)
-    return {"arch": arch, "crop": setting["crop"], "batch_size": setting["batch_size"],
+    return {"arch": arch, "crop": recipe.crop_size, "batch_size": recipe.batch_size,
             "images_per_s": rate["median"], "images_per_s_spread": [rate["min"], rate["max"]],
             "data_share": round(median_spread(shares)["median"], 3), "steps": steps * repeats}
 
@@ -89,9 +100,10 @@ def run(quick: bool = True, archs: list[str] | None = None, threads: int | None 
                for p in sorted((sample_root / c).glob("*.jpg"))]
     rows = []
     for arch in archs:
-        for setting in (SAMPLE, FULL_SIZE):
-            steps = 2 if quick else (3 if setting is FULL_SIZE and arch == "resnet50" else 5)
-            row = train_steps(arch, samples, len(classes), setting, steps, 2 if quick else 3,
+        for recipe in recipes(sample_root):
+            large = recipe.crop_size >= CROP and arch == "resnet50"
+            steps = 2 if quick else (3 if large else 5)
+            row = train_steps(arch, samples, len(classes), recipe, steps, 2 if quick else 3,
                               workers)
             log.info("train %s crop %d: %.1f img/s, data %.0f%%", arch, row["crop"],
                      row["images_per_s"], 100 * row["data_share"])
@@ -100,9 +112,9 @@ def run(quick: bool = True, archs: list[str] | None = None, threads: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.engines import add_common_args
+    from benchmarks.bench_engines import add_common_args
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_training", description=__doc__)
     add_common_args(p)
     p.add_argument("--arch", action="append", choices=BACKBONES)
     p.add_argument("--workers", type=int, default=2, help="data loader workers")

@@ -6,7 +6,7 @@
 - ``onnx-server-fp32`` / ``onnx-server-int8``: our ONNX Runtime server (``python -m serving``);
 - the in-process ceiling: ``serving.Predictor`` doing the same work with the same threads.
 
-    python -m benchmarks.serving [--quick|--full] [--server onnx-server-fp32 ...]
+    python -m benchmarks.bench_serving [--quick|--full] [--server onnx-server-fp32 ...]
 
 --quick measures all but the TorchScript archive for 4 s per point; --full all five for 8 s,
 then the tuning sweep (:data:`TUNING`) at concurrency 16.
@@ -14,12 +14,13 @@ then the tuning sweep (:data:`TUNING`) at concurrency 16.
 Closed loop at concurrency 1, 4, 16, 64, then open loop at Poisson rates up to the best
 closed-loop rate, reporting the highest rate whose p99 stays under 100 ms with no errors. The
 load generator (``benchmarks.loadgen``) is a separate process; every server runs on free
-loopback ports and is stopped when its turn ends, also on failure.
+loopback ports (``serving.launch``) and is stopped when its turn ends, also on failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -27,13 +28,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from benchmarks import passive_openmp, report, servers
+from benchmarks import passive_openmp, report
 from benchmarks.timing import measure
 from benchmarks.versions import SCRATCH, backbone_version, bench_images, int8_view
+from serving import launch
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +124,22 @@ def ceiling(version: Path, images: list[Path], threads: int, batch: int = 8,
 def stock_mar(version: Path, out: Path) -> Path:
     """A .mar for TorchServe's stock image_classifier: the TorchScript model (``.pt``, which
     the base handler torch.jit.loads) and index_to_name.json; nothing else."""
+    from serving.atomic import atomic_write, staging_dir, write_json
     from training.archive import index_to_name, model_archiver
-    from training.version import load_version, write_json
+    from training.version import load_version
 
     target = out / "food.mar"
     if target.is_file():
         return target
-    stage = out / "stage"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    shutil.copyfile(version / "model.ts", stage / "model.pt")
-    write_json(stage / "index_to_name.json", index_to_name(load_version(version)))
-    subprocess.run([model_archiver(), "--model-name", "food", "--version", "1",
-                    "--serialized-file", str(stage / "model.pt"), "--handler",
-                    "image_classifier", "--extra-files", str(stage / "index_to_name.json"),
-                    "--export-path", str(stage), "--force"], check=True, capture_output=True)
-    (stage / "food.mar").replace(target)
+    with staging_dir(out, "stock-mar") as stage:
+        shutil.copyfile(version / "model.ts", stage / "model.pt")
+        write_json(stage / "index_to_name.json", index_to_name(load_version(version)))
+        subprocess.run([model_archiver(), "--model-name", "food", "--version", "1",
+                        "--serialized-file", str(stage / "model.pt"), "--handler",
+                        "image_classifier", "--extra-files", str(stage / "index_to_name.json"),
+                        "--export-path", str(stage), "--force"], check=True,
+                       capture_output=True)
+        atomic_write(target, lambda tmp: (stage / "food.mar").replace(tmp))
     return target
 
 
@@ -171,25 +175,73 @@ def _torchserve_settings(mar: Path) -> dict:
             "handler": "image_classifier"}
 
 
-def start(kind: str, version: Path, scratch: Path, threads: int, **options):
-    """A context manager running server ``kind`` on ``version``."""
+@dataclass
+class Server:
+    """A server under measurement: where predictions go and the settings it runs with."""
+
+    name: str
+    url: str
+    settings: dict = field(default_factory=dict)
+
+
+def onnx_server(model: Path, logs: Path, threads: int = 2, max_batch_size: int = 8,
+                max_batch_delay_ms: float = 5.0, preprocess_threads: int | None = None,
+                spinning: bool = False) -> tuple[launch.Launched, dict]:
+    """Our ONNX Runtime server (``python -m serving``) on ``model``; (server, its settings)."""
+    args = ["--threads", str(threads), "--max-batch-size", str(max_batch_size),
+            "--max-batch-delay-ms", str(max_batch_delay_ms), "--log-level", "warning"]
+    if preprocess_threads:
+        args += ["--preprocess-threads", str(preprocess_threads)]
+    if spinning:
+        args.append("--spinning")
+    settings = {"threads": threads, "max_batch_size": max_batch_size,
+                "max_batch_delay_ms": max_batch_delay_ms, "spinning": spinning,
+                "preprocess_threads": preprocess_threads or "cpu count"}
+    tag = "-".join(f"{k}{v}" for k, v in settings.items()).replace(" ", "")
+    server = launch.start_onnx_server([f"food={model}"], logs / f"serving-{tag}.log",
+                                      extra_args=args, ready_timeout=120, cwd=REPO)
+    return server, settings
+
+
+def torchserve(mar: Path, workdir: Path, settings: dict,
+               env: dict[str, str] | None = None) -> tuple[launch.Launched, dict]:
+    """TorchServe serving one ``.mar`` from a fresh ``workdir``; (server, its settings with
+    the workers and batch size it actually runs). TorchServe keeps its default OpenMP policy
+    unless ``env`` sets one: the stock baseline is TorchServe as a user gets it."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    store = workdir / "model_store"
+    store.mkdir(parents=True)
+    shutil.copyfile(mar, store / "food.mar")
+    server = launch.start_torchserve(store, {"food": "food.mar"}, workdir,
+                                     env={"OMP_WAIT_POLICY": None, **(env or {})},
+                                     ready_timeout=240)
+    described = json.loads(launch.http_get(f"{server.management_url}/models/food")[1])[0]
+    return server, {**settings, "workers_running": len(described.get("workers", [])),
+                    "batchSize_running": described.get("batchSize")}
+
+
+@contextlib.contextmanager
+def start(kind: str, version: Path, scratch: Path, threads: int,
+          **options) -> Iterator[Server]:
+    """Server ``kind`` on ``version`` for the duration of the block; stopped afterwards."""
     env = options.pop("env", None)
     if kind == "torchserve-stock":
         mar = stock_mar(version, scratch / "mar" / "stock")
-        return servers.torchserve(mar, scratch / "ts-stock", env_extra=env,
-                                  settings=_torchserve_settings(mar) | {"env": env})
-    if kind.startswith("torchserve-ours-"):
+        server, settings = torchserve(mar, scratch / "ts-stock",
+                                      _torchserve_settings(mar) | {"env": env}, env)
+    elif kind.startswith("torchserve-ours-"):
         fmt = kind.removeprefix("torchserve-ours-")
         tag = "-".join(f"{k}{v}" for k, v in sorted(options.items())) + f"-t{threads}"
         mar = ours_mar(version, fmt, scratch / "mar" / f"ours-{fmt}-{tag}", threads, **options)
-        return servers.torchserve(mar, scratch / f"ts-ours-{fmt}", env_extra=env,
-                                  settings=_torchserve_settings(mar) | {"env": env})
-    if kind == "onnx-server-fp32":
-        return servers.onnx_server(version, scratch / "logs", threads=threads, **options)
-    if kind == "onnx-server-int8":
-        return servers.onnx_server(int8_view(version), scratch / "logs", threads=threads,
-                                   **options)
-    raise ValueError(f"unknown server {kind!r}; known: {', '.join(SERVERS)}")
+        server, settings = torchserve(mar, scratch / f"ts-ours-{fmt}",
+                                      _torchserve_settings(mar) | {"env": env}, env)
+    elif kind in ("onnx-server-fp32", "onnx-server-int8"):
+        model = version if kind == "onnx-server-fp32" else int8_view(version)
+        server, settings = onnx_server(model, scratch / "logs", threads=threads, **options)
+    else:
+        raise ValueError(f"unknown server {kind!r}; known: {', '.join(SERVERS)}")
+    with server:
+        yield Server(kind, f"{server.url}/predictions/food", settings)
 
 
 TUNING = [  # (server, setting label, options): each runs closed loop at one concurrency
@@ -268,9 +320,9 @@ def run(quick: bool = True, kinds: list[str] | None = None, threads: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.engines import add_common_args
+    from benchmarks.bench_engines import add_common_args
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--server", action="append", choices=SERVERS,

@@ -1,7 +1,7 @@
 """Engines in process: eager PyTorch, TorchScript, ONNX Runtime float32 and int8, per backbone
 and batch size, plus the preprocessing cost for a small and a phone-sized JPEG.
 
-    python -m benchmarks.engines [--quick] [--arch mobilenet_v2] [--threads 2]
+    python -m benchmarks.bench_engines [--quick] [--arch mobilenet_v2] [--threads 2]
 
 Every engine gets the same intra-op thread budget (``--threads``, default: the CPUs this
 process may use). Inputs are real preprocessed images, not zeros.
@@ -34,7 +34,7 @@ def _runner(engine: str, version: Path, threads: int, spinning: bool = True):
 
         torch.set_num_threads(threads)
         if engine == "eager":
-            from training.export import load_eager
+            from training.models import load_eager
             from training.version import load_version
 
             model = load_eager(load_version(version))
@@ -46,13 +46,10 @@ def _runner(engine: str, version: Path, threads: int, spinning: bool = True):
                 return model(torch.from_numpy(x)).numpy()
         return run
 
-    import onnxruntime as ort
-
-    from serving.predictor import session_options
+    from serving.predictor import ort_session
 
     name = "model.onnx" if engine == "onnx_fp32" else "model.int8.onnx"
-    session = ort.InferenceSession(str(version / name), session_options(threads, spinning),
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(version / name, threads, spinning=spinning)
     return lambda x: session.run(["logits"], {"input": x})[0]
 
 
@@ -133,7 +130,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.engines", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_engines", description=__doc__)
     add_common_args(p)
     p.add_argument("--arch", action="append", choices=BACKBONES,
                    help="backbone(s) (default: mobilenet_v2 with --quick, all with --full)")

@@ -1,0 +1,89 @@
+"""The FastAPI app of the fallback server: routers, lifespan, and the one error mapping.
+
+``create_app(predictors, config)`` serves one or more :class:`~serving.predictor.Predictor`
+(several models, several versions of one model) with TorchServe's inference API and KServe
+v2. The lifespan starts the shared runtime (decode pool, one batching loop per version, the
+metrics listener) and drains it on shutdown. Every error, whichever router raised it,
+becomes a response in :func:`error_response`: TorchServe's ``{"code", "type", "message"}``,
+plus ``"error"`` on ``/v2/`` routes, where KServe clients (tritonclient) read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.errors import InputError, ServingError
+from serving.http import feedback_api, kserve_v2, torchserve_api
+from serving.http.config import ServerConfig
+from serving.http.dataplane import DataPlane
+from serving.metrics import start_metrics_server
+from serving.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+_HTTP_TYPES = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}
+
+
+def error_response(request: Request, e: ServingError) -> Response:
+    """The one mapping from an error to its HTTP answer."""
+    body = e.to_dict()
+    if request.url.path.startswith("/v2/"):
+        body["error"] = e.message
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+async def _serving_error(request: Request, e: ServingError) -> Response:
+    return error_response(request, e)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+    message = ("Requested resource is not found, please refer to API document."
+               if e.status_code == 404 else str(e.detail))
+    return error_response(request, ServingError(
+        message, e.status_code, _HTTP_TYPES.get(e.status_code, "BadRequestException")))
+
+
+async def _validation_error(request: Request, e: RequestValidationError) -> Response:
+    return error_response(request, InputError(f"invalid request: {e.errors()}", 400,
+                                              "BadRequestException"))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the data plane and the metrics listener; drain and stop them on shutdown."""
+    dataplane: DataPlane = app.state.dataplane
+    config = dataplane.config
+    dataplane.start()
+    metrics_server = None
+    if config.metrics_port is not None:
+        metrics_server, _ = start_metrics_server(dataplane.metrics, config.host,
+                                                 config.metrics_port)
+        app.state.metrics_port = metrics_server.server_port
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics_server.server_port)
+    try:
+        yield
+    finally:
+        await dataplane.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+
+
+def create_app(predictors: list[Predictor], config: ServerConfig | None = None) -> FastAPI:
+    """A FastAPI app serving ``predictors``; ValueError if the model list is unusable."""
+    app = FastAPI(title="food classifier (ONNX Runtime)", lifespan=lifespan)
+    app.state.dataplane = DataPlane(predictors, config or ServerConfig())
+    app.add_exception_handler(ServingError, _serving_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(torchserve_api.router)
+    app.include_router(kserve_v2.router)
+    app.include_router(feedback_api.router)
+    return app

@@ -1,0 +1,37 @@
+"""The server's settings; ``python -m serving`` reads its defaults from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from serving.predictor import default_threads
+
+if TYPE_CHECKING:  # SQLAlchemy is imported only when the prediction log is on
+    from serving.feedback import FeedbackSettings
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Addresses, batching, limits and threads; the defaults are the measured choices (README).
+
+    The image pixel budget is not here: each Predictor holds it (``Predictor.load``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    metrics_port: int | None = 8082  # None: no metrics listener (the registry still counts)
+    max_batch_size: int = 8
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 64  # requests admitted per model version: preprocessing + queued + running
+    max_body_bytes: int = 20 * 1024 * 1024
+    request_timeout_s: float = 30.0
+    preprocess_threads: int = field(default_factory=default_threads)
+    feedback: FeedbackSettings | None = None  # the prediction log (--feedback-db); None: off
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_body_bytes", "preprocess_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_delay_ms < 0 or self.request_timeout_s <= 0:
+            raise ValueError("max_batch_delay_ms must be >= 0 and request_timeout_s > 0")

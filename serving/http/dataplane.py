@@ -1,0 +1,214 @@
+"""The protocol-free data plane: which models are served, and the path of every inference.
+
+``ModelTable`` holds one :class:`ModelEntry` per model version (its Predictor and its
+Batcher) and each name's default version; entries are added one at a time, so versions can
+come and go while serving. ``DataPlane.serve`` wraps one request's work in admission,
+timeout, metrics and the access log; ``predict`` and ``infer_images`` / ``infer_arrays`` run
+the Predictor's stages: decode in a thread pool, infer through the batcher, encode. The
+protocol routers parse and render HTTP around these calls and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+from serving.errors import InternalError, ModelNotFound, RequestTimeout, ServingError
+from serving.http.batcher import Batcher
+from serving.http.config import ServerConfig
+from serving.metrics import ServerMetrics
+from serving.predictor import Prediction, Predictor
+
+if TYPE_CHECKING:  # SQLAlchemy is imported only when the prediction log is on
+    from serving.feedback import FeedbackStore
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("serving.access")
+
+T = TypeVar("T")
+Logits = tuple[np.ndarray, int]  # one image's logits row and the size of its batch
+
+
+def version_key(version: str) -> str:
+    """``v3``, ``3`` and ``3.0`` all name version 3."""
+    v = str(version).strip()
+    v = v[1:] if v[:1] in ("v", "V") else v
+    return v.removesuffix(".0")
+
+
+def _newest(keys: list[str]) -> str:
+    return max(keys, key=lambda k: (k.isdigit(), int(k) if k.isdigit() else 0, k))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One served model version: its stages and its batching loop."""
+
+    predictor: Predictor
+    batcher: Batcher
+
+    @property
+    def key(self) -> str:
+        return version_key(self.predictor.version)
+
+
+class ModelTable:
+    """The served models: name -> version key -> entry, and each name's default version
+    (the newest, like ``latest`` in artifacts/)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, dict[str, ModelEntry]] = {}
+        self.default: dict[str, str] = {}
+
+    def add(self, entry: ModelEntry) -> None:
+        """Serve one more version; ValueError if its name and version are taken."""
+        name = entry.predictor.name
+        versions = self.versions.setdefault(name, {})
+        if entry.key in versions:
+            raise ValueError(f"model {name} version {entry.key} given twice "
+                             f"({versions[entry.key].predictor.source} and "
+                             f"{entry.predictor.source})")
+        versions[entry.key] = entry
+        self.default[name] = _newest(list(versions))
+
+    def get(self, name: str, version: str | None = None) -> ModelEntry:
+        """The entry for a name and optional version, or ModelNotFound naming what is."""
+        if name not in self.versions:
+            raise ModelNotFound(f"Model not found: {name!r}; loaded models: "
+                                f"{sorted(self.versions)}")
+        if version is None or version == "":
+            return self.versions[name][self.default[name]]
+        key = version_key(version)
+        if key not in self.versions[name]:
+            raise ModelNotFound(f"Model version not found: {name!r} has no version "
+                                f"{version!r}; loaded versions: {sorted(self.versions[name])}",
+                                type="ModelVersionNotFoundException")
+        return self.versions[name][key]
+
+    def of(self, name: str) -> list[ModelEntry]:
+        """Every version of ``name`` (ModelNotFound if none)."""
+        self.get(name)
+        return list(self.versions[name].values())
+
+    def entries(self) -> list[ModelEntry]:
+        return [e for versions in self.versions.values() for e in versions.values()]
+
+    def is_default(self, entry: ModelEntry) -> bool:
+        return self.default.get(entry.predictor.name) == entry.key
+
+
+class DataPlane:
+    """The served models and the shared runtime they use: decode pool, batchers, metrics."""
+
+    def __init__(self, predictors: list[Predictor], config: ServerConfig) -> None:
+        if not predictors:
+            raise ValueError("give at least one model to serve")
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.models = ModelTable()
+        for p in predictors:
+            self.models.add(ModelEntry(p, Batcher(p, config, self.metrics)))
+        self.started = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.feedback: FeedbackStore | None = (
+            config.feedback.open(self.metrics.registry) if config.feedback else None)
+
+    def start(self) -> None:
+        """Start the decode pool and every batching loop (on the running event loop)."""
+        self.decode_pool = ThreadPoolExecutor(self.config.preprocess_threads,
+                                              thread_name_prefix="preprocess")
+        for entry in self.models.entries():
+            entry.batcher.start()
+
+    async def stop(self) -> None:
+        """Let admitted requests finish (up to the request timeout), then stop."""
+        for entry in self.models.entries():
+            await entry.batcher.stop(self.config.request_timeout_s)
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.feedback is not None:  # writes what is still queued
+            await asyncio.get_running_loop().run_in_executor(None, self.feedback.close)
+
+    async def serve(self, name: str, version: str | None,
+                    work: Callable[[ModelEntry], Awaitable[tuple[T, int]]], *,
+                    method: str, path: str) -> T:
+        """Run ``work(entry)`` -> (result, batch size) for the named model under admission,
+        the request timeout, metrics and the access log. Failures propagate as ServingError
+        (an unexpected one is logged and becomes InternalError)."""
+        start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        labels, batch, error = ("unknown", ""), 0, None
+        try:
+            entry = self.models.get(name, version)
+            labels = (entry.predictor.name, entry.predictor.version)
+            with entry.batcher.admission():
+                result, batch = await asyncio.wait_for(work(entry),
+                                                       self.config.request_timeout_s)
+        except ServingError as e:
+            error = e
+        except asyncio.TimeoutError:
+            error = RequestTimeout(f"no answer within {self.config.request_timeout_s}s; the "
+                                   f"server is overloaded")
+        except Exception:
+            log.exception("internal error on %s", path)
+            error = InternalError("internal server error")
+        finally:
+            self.metrics.in_flight.dec()
+        status = error.status if error is not None else 200
+        elapsed = time.perf_counter() - start
+        self.metrics.requests.labels(*labels, str(status)).inc()
+        if error is None or labels[0] != "unknown":
+            self.metrics.latency.labels(*labels).observe(elapsed)
+        record = {"method": method, "path": path, "model": labels[0], "version": labels[1],
+                  "status": status, "latency_ms": round(elapsed * 1000, 2),
+                  "batch_size": batch}
+        if error is not None:
+            record["error"] = error.message
+        access_log.info(json.dumps(record))
+        if error is not None:
+            raise error
+        return result
+
+    async def infer_arrays(self, entry: ModelEntry, arrays: list[np.ndarray]) -> list[Logits]:
+        """Preprocessed CHW arrays through the batcher."""
+        return list(await asyncio.gather(*(entry.batcher.submit(a) for a in arrays)))
+
+    async def infer_images(self, entry: ModelEntry, images: list[bytes]) -> list[Logits]:
+        """Encoded images: decode off the event loop, then queue each one for a batch."""
+        loop = asyncio.get_running_loop()
+        predictor, batcher = entry.predictor, entry.batcher
+        timing = self.metrics.preprocess.labels(predictor.name, predictor.version)
+
+        async def one(data: bytes) -> Logits:
+            with batcher.preparing_one():
+                start = time.perf_counter()
+                array = await loop.run_in_executor(self.decode_pool, predictor.decode, data)
+                timing.observe(time.perf_counter() - start)
+            return await batcher.submit(array)
+
+        return list(await asyncio.gather(*(one(d) for d in images)))
+
+    async def predict(self, entry: ModelEntry, image: bytes,
+                      k: int) -> tuple[list[Prediction], int]:
+        """One encoded image's top-k answer and the size of the batch it ran in."""
+        [(row, batch)] = await self.infer_images(entry, [image])
+        return entry.predictor.encode(row, k), batch
+
+    def log_prediction(self, entry: ModelEntry, predictions: list[Prediction],
+                       image: bytes) -> str | None:
+        """Queue an answer for the prediction log (written off the request path); its id, or
+        None when the log is off or its queue is full."""
+        if self.feedback is None:
+            return None
+        p = entry.predictor
+        return self.feedback.log_prediction(p.name, p.version, predictions, image,
+                                            labels=p.labels)
