@@ -33,12 +33,15 @@ RUN chown -R model-server:model-server /home/model-server
 USER 1000:1000
 # Override config.properties' loopback addresses (enable_envvars_config=true) and turn token
 # authorization back on, because these addresses are reachable from outside. (No secret
-# here: the variable only switches authorization on.)
+# here: the variable only switches authorization on.) TorchServe 0.12's inference key expires
+# after 60 minutes and only the management API renews it, so the HEALTHCHECK (which sends it)
+# would fail after an hour: the key lives as long as the container instead.
 # hadolint ignore=DL3064
 ENV TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     TS_MANAGEMENT_ADDRESS=http://0.0.0.0:8081 \
     TS_METRICS_ADDRESS=http://0.0.0.0:8082 \
     TS_DISABLE_TOKEN_AUTHORIZATION=false \
+    TS_TOKEN_EXPIRATION_MIN=525600 \
     OMP_WAIT_POLICY=PASSIVE \
     LOG_LOCATION=/home/model-server/logs \
     METRICS_LOCATION=/home/model-server/logs
