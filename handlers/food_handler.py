@@ -14,12 +14,14 @@ idx)``, while the good images of the same batch run through the model together.
 
 from __future__ import annotations
 
+import atexit
 import http
 import io
 import json
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +29,9 @@ from serving.artifacts import read_model
 from serving.errors import InputError
 from serving.predictor import Predictor, ort_session, to_json
 from serving.preprocess import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from serving.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class FoodHandler:
     def __init__(self) -> None:
         self.initialized = False
         self.predictor: Predictor | None = None
+        self.feedback: FeedbackStore | None = None
 
     def initialize(self, context) -> None:
         """Read the model directory (labels, preprocessing spec, top-k), load the model."""
@@ -75,6 +81,7 @@ class FoodHandler:
                                        fmt="torchscript")
         log.info("loaded %s (%d classes, crop %d, %d threads for %d workers)", serialized,
                  len(artifacts.labels), artifacts.spec.crop_size, threads, workers)
+        self.feedback = feedback_store(handler_config)
         self.initialized = True
 
     def preprocess_one(self, request: dict, topk: object = None) -> tuple[np.ndarray, int]:
@@ -82,17 +89,9 @@ class FoodHandler:
 
         k comes from ``topk`` (a header), else a ``topk`` request field, else the default.
         """
-        body = next((request[key] for key in ("data", "body") if key in request), None)
-        if body is None:
-            body = b""
-        if isinstance(body, (dict, list)):
-            raise InputError(
-                "the body was parsed as JSON; send the image bytes (curl -T image.jpg ...)",
-                415, "UnsupportedMediaType")
-        if isinstance(body, str):
-            body = body.encode("utf-8", "surrogateescape")
+        body = request_image(request)
         k = self.predictor.parse_topk(request.get("topk") if topk is None else topk)
-        return self.predictor.decode(bytes(body)), k
+        return self.predictor.decode(body), k
 
     def handle(self, data: list[dict], context) -> list[str]:
         """TorchServe's entry point: a batch of requests in, one answer per request out."""
@@ -113,9 +112,71 @@ class FoodHandler:
         if good:
             logits = self.predictor.infer(np.stack(arrays))
             for idx, row, k in zip(good, logits, ks):
-                answers[idx] = to_json(self.predictor.encode(row, k))
+                answer = self.predictor.encode(row, k)
+                answers[idx] = to_json(answer)
                 _set_json(context, idx)
+                self.log_prediction(context, idx, answer, data[idx])
         return answers
+
+    def log_prediction(self, context, idx: int, answer: list, request: dict) -> None:
+        """Queue a good answer for the prediction log; its id goes in the X-Prediction-Id
+        response header (TorchServe's frontend copies the handler's response headers)."""
+        if self.feedback is None:
+            return
+        p = self.predictor
+        prediction_id = self.feedback.log_prediction(p.name, p.version, answer,
+                                                     request_image(request), labels=p.labels)
+        if prediction_id and getattr(context, "request_processor", None) is not None:
+            context.set_response_header(idx, "X-Prediction-Id", prediction_id)
+
+
+FEEDBACK_DB_ENV = "FOOD_FEEDBACK_DB"
+FEEDBACK_IMAGES_ENV = "FOOD_FEEDBACK_IMAGES"
+
+
+def feedback_store(handler_config: dict) -> FeedbackStore | None:
+    """The prediction log named by $FOOD_FEEDBACK_DB or the model config's
+    ``handler: feedback_db:`` (None: off). Images are kept only with $FOOD_FEEDBACK_IMAGES or
+    ``handler: store_images:``; ``image_retention_days``, ``max_images`` and
+    ``prediction_retention_days`` set retention. Needs SQLAlchemy in TorchServe's Python."""
+    url = os.environ.get(FEEDBACK_DB_ENV) or handler_config.get("feedback_db")
+    if not url:
+        return None
+    try:
+        from serving.feedback import FeedbackSettings
+    except ImportError as e:
+        raise ImportError(
+            f"the prediction log ({FEEDBACK_DB_ENV} / handler.feedback_db) needs SQLAlchemy and "
+            f"prometheus-client in TorchServe's Python and serving/feedback.py in the .mar: "
+            f"pip install 'food-classifier[serve]' ({e})") from e
+    retention = {field: float(handler_config[key]) if "days" in key else int(handler_config[key])
+                 for key, field in (("image_retention_days", "image_max_age_days"),
+                                    ("max_images", "max_images"),
+                                    ("prediction_retention_days", "prediction_max_age_days"))
+                 if handler_config.get(key) is not None}
+    settings = FeedbackSettings(
+        url=url, images_dir=os.environ.get(FEEDBACK_IMAGES_ENV)
+        or handler_config.get("store_images"), **retention)
+    store = settings.open()
+    atexit.register(store.close)  # a worker that exits normally writes what is queued
+    log.info("logging predictions to %s (images %s)", store.safe_url,
+             settings.images_dir or "not kept")
+    return store
+
+
+def request_image(request: dict) -> bytes:
+    """The image bytes TorchServe hands over (``data`` or ``body``); InputError for a body it
+    parsed as JSON."""
+    body = next((request[key] for key in ("data", "body") if key in request), None)
+    if body is None:
+        body = b""
+    if isinstance(body, (dict, list)):
+        raise InputError(
+            "the body was parsed as JSON; send the image bytes (curl -T image.jpg ...)",
+            415, "UnsupportedMediaType")
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogateescape")
+    return bytes(body)
 
 
 def _topk_header(context, idx: int) -> str | None:

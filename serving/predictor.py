@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 from PIL import Image
@@ -34,6 +34,8 @@ from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess, preprocess_bytes
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from serving.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +139,14 @@ class Predictor:
                  max_pixels: int = DEFAULT_MAX_PIXELS, default_topk: int | None = None,
                  name: str | None = None, *,
                  infer: Callable[[np.ndarray], np.ndarray] | None = None,
-                 fmt: str = "onnx") -> None:
+                 fmt: str = "onnx", feedback: FeedbackStore | None = None) -> None:
         """``infer`` runs on the ONNX Runtime ``session``, or is the given function instead
         (the TorchServe handler passes TorchScript's, ``fmt="torchscript"``). Either way the
         model's input and output are checked against the model config before it serves.
-        ``default_topk`` and ``name`` override the model config's."""
+        ``default_topk`` and ``name`` override the model config's. With ``feedback`` every
+        prediction is logged there (off the caller's path) under a new id."""
         self.artifacts = artifacts
+        self.feedback = feedback
         self.name = name or artifacts.name
         self.version = artifacts.version
         self.source = artifacts.source
@@ -172,15 +176,16 @@ class Predictor:
     @classmethod
     def load(cls, source: str | os.PathLike, *, intra_op_threads: int | None = None,
              allow_spinning: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-             name: str | None = None) -> Predictor:
+             name: str | None = None, feedback: FeedbackStore | None = None) -> Predictor:
         """A version directory, a ``.mar`` file, or an MLflow URI (``models:/name@alias``),
         run by ONNX Runtime (threads: ``intra_op_threads``, else model_config.json's
-        ``intra_op_threads``, else the CPU count). ``max_pixels`` is the decode budget."""
+        ``intra_op_threads``, else the CPU count). ``max_pixels`` is the decode budget;
+        ``feedback`` a store to log predictions in."""
         artifacts = read_model(source)
         log.info("loading %s (%s v%s)", artifacts.source, artifacts.name, artifacts.version)
         threads = intra_op_threads or artifacts.config.get("intra_op_threads")
         session = ort_session(artifacts.model_bytes("onnx"), threads, allow_spinning)
-        return cls(artifacts, session, max_pixels=max_pixels, name=name)
+        return cls(artifacts, session, max_pixels=max_pixels, name=name, feedback=feedback)
 
     def decode(self, image: ImageInput) -> np.ndarray:
         """Bytes, a path or a PIL image as the model's CHW float32 input (InputError if bad)."""
@@ -210,15 +215,48 @@ class Predictor:
         """One row of logits as the top-k answer (``k`` already parsed by ``parse_topk``)."""
         return self.rank(self.probabilities(np.asarray(logits_row)[None])[0], k)
 
-    def predict(self, image: ImageInput, topk: int | str | None = None) -> list[Prediction]:
-        """Top-k predictions for one image (bytes, path or PIL image)."""
-        return self.predict_batch([image], topk)[0]
+    @overload
+    def predict(self, image: ImageInput, topk: int | str | None = None, *,
+                return_id: Literal[False] = False) -> list[Prediction]: ...
 
-    def predict_batch(self, images: Sequence[ImageInput],
-                      topk: int | str | None = None) -> list[list[Prediction]]:
-        """Top-k predictions for several images, run as one batch."""
+    @overload
+    def predict(self, image: ImageInput, topk: int | str | None = None, *,
+                return_id: Literal[True]) -> tuple[list[Prediction], str | None]: ...
+
+    def predict(self, image, topk=None, *, return_id=False):
+        """Top-k predictions for one image (bytes, path or PIL image). ``return_id=True``
+        returns ``(predictions, prediction id)``, the id None without a feedback store."""
+        answers, ids = self._predict_logged([image], topk)
+        return (answers[0], ids[0]) if return_id else answers[0]
+
+    @overload
+    def predict_batch(self, images: Sequence[ImageInput], topk: int | str | None = None, *,
+                      return_ids: Literal[False] = False) -> list[list[Prediction]]: ...
+
+    @overload
+    def predict_batch(self, images: Sequence[ImageInput], topk: int | str | None = None, *,
+                      return_ids: Literal[True]
+                      ) -> tuple[list[list[Prediction]], list[str | None]]: ...
+
+    def predict_batch(self, images, topk=None, *, return_ids=False):
+        """Top-k predictions for several images, run as one batch (``return_ids``: and
+        their prediction ids, as in ``predict``)."""
+        answers, ids = self._predict_logged(images, topk)
+        return (answers, ids) if return_ids else answers
+
+    def _predict_logged(self, images: Sequence[ImageInput], topk: int | str | None
+                        ) -> tuple[list[list[Prediction]], list[str | None]]:
         if not images:
-            return []
+            return [], []
         k = self.parse_topk(topk)
+        if self.feedback is not None:  # read files once: decoded and logged (sha256)
+            images = [Path(i).read_bytes() if isinstance(i, (str, os.PathLike)) else i
+                      for i in images]
         logits = self.infer(np.stack([self.decode(image) for image in images]))
-        return [self.encode(row, k) for row in logits]
+        answers = [self.encode(row, k) for row in logits]
+        if self.feedback is None:
+            return answers, [None] * len(answers)
+        return answers, [self.feedback.log_prediction(
+            self.name, self.version, answer,
+            bytes(image) if isinstance(image, (bytes, bytearray)) else None, labels=self.labels)
+            for image, answer in zip(images, answers)]

@@ -31,7 +31,8 @@ SERVING = REPO / "serving"
 HANDLER = REPO / "handlers" / "food_handler.py"
 MODEL_CONFIG_YAML = REPO / "serve_config" / "model-config.yaml"
 # The serving modules the handler imports, carried as the .mar's serving/ package.
-CARRIED_MODULES = ("__init__.py", "errors.py", "preprocess.py", "artifacts.py", "predictor.py")
+CARRIED_MODULES = ("__init__.py", "errors.py", "preprocess.py", "artifacts.py", "predictor.py",
+                   "atomic.py", "feedback.py")
 # ONNX Runtime answered faster than TorchScript at batch 1 and 8 on the sample crop (see
 # the archive report in README); both formats are built and tested.
 DEFAULT_FORMAT = "onnx"

@@ -20,9 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import InputError, ServingError
+from serving.follow import start_followers
 from serving.http import feedback_api, kserve_v2, torchserve_api
 from serving.http.config import ServerConfig
 from serving.http.dataplane import DataPlane
+from serving.http.management_api import start_management_server
 from serving.metrics import start_metrics_server
 from serving.predictor import Predictor
 
@@ -55,9 +57,17 @@ async def _validation_error(request: Request, e: RequestValidationError) -> Resp
                                               "BadRequestException"))
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer every error of ``app``'s routes through :func:`error_response`."""
+    app.add_exception_handler(ServingError, _serving_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the data plane and the metrics listener; drain and stop them on shutdown."""
+    """Start the data plane, the metrics and management listeners and the alias followers;
+    drain and stop them on shutdown."""
     dataplane: DataPlane = app.state.dataplane
     config = dataplane.config
     dataplane.start()
@@ -67,9 +77,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                                                  config.metrics_port)
         app.state.metrics_port = metrics_server.server_port
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_server.server_port)
+    management = None
+    if config.management is not None:
+        management = await start_management_server(dataplane, config.management)
+        app.state.management_port = management.port
+    followers = start_followers(dataplane, config.follow)
     try:
         yield
     finally:
+        for follower in followers:
+            await follower.stop()
+        if management is not None:
+            await management.stop()
         await dataplane.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -80,9 +99,7 @@ def create_app(predictors: list[Predictor], config: ServerConfig | None = None) 
     """A FastAPI app serving ``predictors``; ValueError if the model list is unusable."""
     app = FastAPI(title="food classifier (ONNX Runtime)", lifespan=lifespan)
     app.state.dataplane = DataPlane(predictors, config or ServerConfig())
-    app.add_exception_handler(ServingError, _serving_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    add_error_handlers(app)
     app.include_router(torchserve_api.router)
     app.include_router(kserve_v2.router)
     app.include_router(feedback_api.router)

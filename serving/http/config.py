@@ -9,6 +9,8 @@ from serving.predictor import default_threads
 
 if TYPE_CHECKING:  # SQLAlchemy is imported only when the prediction log is on
     from serving.feedback import FeedbackSettings
+    from serving.follow import FollowSettings
+    from serving.http.management_api import ManagementSettings
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class ServerConfig:
     request_timeout_s: float = 30.0
     preprocess_threads: int = field(default_factory=default_threads)
     feedback: FeedbackSettings | None = None  # the prediction log (--feedback-db); None: off
+    management: ManagementSettings | None = None  # the management API's listener; None: off
+    follow: FollowSettings | None = None  # MLflow aliases to follow (--follow); None: off
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes", "preprocess_threads"):

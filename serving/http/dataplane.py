@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+from starlette.responses import Response
 
 from serving.errors import InternalError, ModelNotFound, RequestTimeout, ServingError
 from serving.http.batcher import Batcher
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("serving.access")
 
 T = TypeVar("T")
+VERSION_HEADER = "X-Model-Version"  # on every answer of a model: the version that answered
 Logits = tuple[np.ndarray, int]  # one image's logits row and the size of its batch
 
 
@@ -69,8 +71,11 @@ class ModelTable:
         self.versions: dict[str, dict[str, ModelEntry]] = {}
         self.default: dict[str, str] = {}
 
-    def add(self, entry: ModelEntry) -> None:
-        """Serve one more version; ValueError if its name and version are taken."""
+    def add(self, entry: ModelEntry, default: bool | None = None) -> None:
+        """Serve one more version; ValueError if its name and version are taken.
+
+        ``default``: None makes the newest version the default (startup), True this one,
+        False keeps the current default (a name's first version is always its default)."""
         name = entry.predictor.name
         versions = self.versions.setdefault(name, {})
         if entry.key in versions:
@@ -78,7 +83,30 @@ class ModelTable:
                              f"({versions[entry.key].predictor.source} and "
                              f"{entry.predictor.source})")
         versions[entry.key] = entry
-        self.default[name] = _newest(list(versions))
+        if default is None:
+            self.default[name] = _newest(list(versions))
+        elif default or name not in self.default:
+            self.default[name] = entry.key
+
+    def set_default(self, name: str, version: str) -> ModelEntry:
+        """Route ``name``'s requests without a version to ``version`` from now on."""
+        entry = self.get(name, version)
+        self.default[name] = entry.key
+        return entry
+
+    def remove(self, name: str, version: str) -> ModelEntry:
+        """Stop routing to a version at once and return its entry (to drain); ValueError for
+        a name's default or last version."""
+        entry = self.get(name, version)
+        if len(self.versions[name]) == 1:
+            raise ValueError(f"version {entry.key} is the last version of model {name!r}; "
+                             f"register another version before unregistering it")
+        if self.is_default(entry):
+            raise ValueError(f"version {entry.key} is the default version of model {name!r}; "
+                             f"set another default first (PUT /models/{name}/<version>/"
+                             f"set-default)")
+        del self.versions[name][entry.key]
+        return entry
 
     def get(self, name: str, version: str | None = None) -> ModelEntry:
         """The entry for a name and optional version, or ModelNotFound naming what is."""
@@ -129,6 +157,44 @@ class DataPlane:
         for entry in self.models.entries():
             entry.batcher.start()
 
+    async def load_version(self, source: str, name: str | None = None) -> Predictor:
+        """Load and warm a version to add while serving, off the event loop.
+
+        It runs with the settings of a version already served (``name``'s default if it
+        has one): intra-op threads, spinning and pixel budget. One dummy batch warms its
+        session, so its first request pays no start-up cost."""
+        like = (self.models.get(name) if name in self.models.versions
+                else self.models.entries()[0]).predictor
+        options = like.session.get_session_options()
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+        def load() -> Predictor:
+            predictor = Predictor.load(source, intra_op_threads=like.threads,
+                                       allow_spinning=spinning, max_pixels=like.max_pixels,
+                                       name=name)
+            c = predictor.spec.crop_size
+            predictor.infer(np.zeros((1, 3, c, c), np.float32))
+            return predictor
+
+        return await asyncio.get_running_loop().run_in_executor(None, load)
+
+    def add_version(self, predictor: Predictor, default: bool = False) -> ModelEntry:
+        """Start serving a loaded version (its batching loop starts now); ``default`` routes
+        the name's unversioned requests to it at once. ValueError if the version is taken."""
+        entry = ModelEntry(predictor, Batcher(predictor, self.config, self.metrics))
+        self.models.add(entry, default=default)
+        entry.batcher.start()
+        return entry
+
+    async def remove_version(self, name: str, version: str) -> ModelEntry:
+        """Stop routing to a version at once, let its admitted requests finish (up to the
+        request timeout), then stop its batching loop; its session is freed with the entry.
+        ValueError for a name's default or last version."""
+        entry = self.models.remove(name, version)
+        await entry.batcher.stop(self.config.request_timeout_s)
+        log.info("unloaded %s v%s", entry.predictor.name, entry.predictor.version)
+        return entry
+
     async def stop(self) -> None:
         """Let admitted requests finish (up to the request timeout), then stop."""
         for entry in self.models.entries():
@@ -153,6 +219,8 @@ class DataPlane:
             with entry.batcher.admission():
                 result, batch = await asyncio.wait_for(work(entry),
                                                        self.config.request_timeout_s)
+            if isinstance(result, Response):  # which version answered, outside the body
+                result.headers[VERSION_HEADER] = entry.predictor.version
         except ServingError as e:
             error = e
         except asyncio.TimeoutError:
@@ -175,6 +243,8 @@ class DataPlane:
             record["error"] = error.message
         access_log.info(json.dumps(record))
         if error is not None:
+            if labels[0] != "unknown":
+                error.headers = {**(error.headers or {}), VERSION_HEADER: labels[1]}
             raise error
         return result
 
