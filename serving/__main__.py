@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from serving.preprocess import DEFAULT_MAX_PIXELS
@@ -64,7 +65,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     _add_feedback_args(p)
+    _add_management_args(p)
     return p
+
+
+def _duration(text: str) -> float:
+    from serving.follow import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_management_args(p: argparse.ArgumentParser) -> None:
+    """The management API and alias-following options; defaults from ManagementSettings."""
+    from serving.http.management_api import ManagementSettings
+
+    defaults = ManagementSettings()
+    g = p.add_argument_group(
+        "model management",
+        "TorchServe's management API on its own loopback port (GET /models, POST /models?url="
+        "<path>, PUT /models/<name>/<version>/set-default, DELETE /models/<name>/<version>), "
+        "and following an MLflow alias: versions switch without dropping a request.")
+    g.add_argument("--management-port", type=int, default=defaults.port,
+                   help=f"management API port, 0 to disable {DEFAULTS_HELP}")
+    g.add_argument("--management-host", default=defaults.host,
+                   help=f"management API interface, loopback only {DEFAULTS_HELP}")
+    g.add_argument("--model-dir-allowed", action="append", metavar="DIR", default=None,
+                   help="a directory the management API may register versions from "
+                        "(repeatable; default: the directories holding the --model paths)")
+    g.add_argument("--follow", type=_duration, metavar="INTERVAL", default=None,
+                   help="with --model models:/<name>@<alias>: ask the MLflow registry every "
+                        "INTERVAL (30s, 2m, or seconds) which version the alias names, and "
+                        "switch to it when it moves (default: off)")
 
 
 def _add_feedback_args(p: argparse.ArgumentParser) -> None:
@@ -99,22 +133,39 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     import uvicorn
 
+    from serving.follow import Followed, FollowSettings, alias_target, registry_version
     from serving.http.app import create_app
     from serving.http.config import ServerConfig
     from serving.predictor import Predictor
 
-    predictors = []
+    predictors, followed, model_dirs = [], [], []
     for spec in args.model:
         name, sep, path = spec.partition("=")
         if not sep or "/" in name or ":" in name:
             name, path = "", spec
+        target = alias_target(path, name or None) if args.follow else None
+        if target is None and ":/" not in path:
+            model_dirs.append(os.path.dirname(os.path.abspath(path)))
         try:
+            if target is not None:  # pinned, so the follower knows what is served
+                pinned = registry_version(target)
+                path = target.version_uri(pinned)
             predictors.append(Predictor.load(path, intra_op_threads=args.threads,
                                              allow_spinning=args.spinning,
                                              max_pixels=args.max_pixels, name=name or None))
         except (FileNotFoundError, ValueError, ImportError) as e:
             print(f"error: --model {spec}: {e}", file=sys.stderr)
             return 2
+        except Exception as e:  # noqa: BLE001 - the registry: say what failed, no traceback
+            print(f"error: --model {spec}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        if target is not None:
+            p = predictors[-1]
+            followed.append(Followed(target, pinned, p.name, p.version))
+    if args.follow and not followed:
+        print("error: --follow needs a --model models:/<name>@<alias> to follow",
+              file=sys.stderr)
+        return 2
     feedback = None
     if args.feedback_db:
         from serving.feedback import FeedbackSettings
@@ -127,12 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --store-images needs --feedback-db", file=sys.stderr)
         return 2
     try:
+        from serving.http.management_api import ManagementSettings
+
+        management = ManagementSettings(
+            host=args.management_host, port=args.management_port,
+            allowed_dirs=tuple(args.model_dir_allowed or dict.fromkeys(model_dirs)),
+        ) if args.management_port else None
         config = ServerConfig(
             host=args.host, port=args.port, metrics_port=args.metrics_port or None,
             max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
             request_timeout_s=args.timeout_s, preprocess_threads=args.preprocess_threads,
-            feedback=feedback)
+            feedback=feedback, management=management,
+            follow=FollowSettings(args.follow, tuple(followed)) if followed else None)
         app = create_app(predictors, config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -195,16 +195,21 @@ def start_onnx_server(models: list[str], log_path: Path, *, extra_args: Iterable
     ``models`` are ``--model`` values (``[NAME=]PATH``); ``extra_args`` go on the command line
     as they are; ``env`` is applied over this process's environment (None removes a variable).
     """
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, management_port = free_port(), free_port(), free_port()
+    extra_args = list(extra_args)
+    if "--management-port" in extra_args:  # the caller's own (0: none)
+        management_port = int(extra_args[extra_args.index("--management-port") + 1])
     cmd = [sys.executable, "-m", "serving", "--host", HOST, "--port", str(port),
-           "--metrics-port", str(metrics_port), *extra_args]
+           "--metrics-port", str(metrics_port), "--management-port", str(management_port),
+           *extra_args]
     for model in models:
         cmd += ["--model", str(model)]
     # `-m serving` must find this very package, whatever the working directory.
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
     proc = spawn(cmd, log_path, env=child_env({"PYTHONPATH": path, **(env or {})}), cwd=cwd)
     base = f"http://{HOST}:{port}"
-    launched = Launched(proc, base, f"http://{HOST}:{metrics_port}/metrics", None,
+    management = f"http://{HOST}:{management_port}" if management_port else None
+    launched = Launched(proc, base, f"http://{HOST}:{metrics_port}/metrics", management,
                         Path(log_path))
     return _started(launched, f"{base}/ping", ready_timeout)
 

@@ -1,10 +1,13 @@
 """KServe v2 / Open Inference Protocol: health, metadata and ``/v2/models/<m>/infer``.
 
-Request and response bodies are the protocol's pydantic models. A request sends one input:
-BYTES ``image`` (encoded image files; base64 in JSON, raw with the binary tensor data
-extension, as tritonclient sends them) or FP32 ``input`` (preprocessed N x 3 x H x W). The
-answer holds ``probabilities`` (FP32 N x C) and the top-1 ``label`` (BYTES N), in JSON or
-as binary data when asked.
+Request and response bodies are the protocol's pydantic models, and every request is
+validated here, at the edge, before any image is decoded: one input, a ``shape`` that agrees
+with the data, at most ``max_batch_size`` images (Triton's rule), known outputs. A request
+sends one input: BYTES ``image`` (encoded image files; base64 in JSON, raw with the binary
+tensor data extension, as tritonclient sends them) or FP32 ``input`` (preprocessed
+N x 3 x H x W). The answer holds ``probabilities`` (FP32 N x C) and the top-1 ``label``
+(BYTES N), or any outputs asked for, the ONNX graph's own (``logits``, FP32 N x C) included,
+in JSON or as binary data when asked.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -23,16 +27,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serving.errors import InputError
 from serving.http.dataplane import DataPlane, ModelEntry
 from serving.http.dependencies import DataPlaneDep, read_body
+from serving.predictor import Predictor
 
 router = APIRouter(prefix="/v2")
 
 BYTES_INPUT = "image"
-OUTPUTS = ("probabilities", "label")
+DERIVED_OUTPUTS = ("probabilities", "label")  # answered by default, in this order
+MAX_DIMS = 8
+
+Dim = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class RequestInput(BaseModel):
     name: str | None = None
-    shape: list[int]
+    shape: list[Dim] = Field(min_length=1, max_length=MAX_DIMS)
     datatype: str
     parameters: dict[str, Any] | None = None
     data: Any = None
@@ -86,6 +94,11 @@ async def ready() -> dict:
     return {"ready": True}
 
 
+def output_names(predictor: Predictor) -> tuple[str, ...]:
+    """What a request may ask for: our derived outputs and the ONNX graph's own."""
+    return (*DERIVED_OUTPUTS, predictor.output_name)
+
+
 def model_metadata(dataplane: DataPlane, entry: ModelEntry) -> dict:
     p = entry.predictor
     c = p.spec.crop_size
@@ -95,7 +108,9 @@ def model_metadata(dataplane: DataPlane, entry: ModelEntry) -> dict:
                        {"name": p.input_name, "datatype": "FP32", "shape": [-1, 3, c, c]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32",
                          "shape": [-1, len(p.labels)]},
-                        {"name": "label", "datatype": "BYTES", "shape": [-1]}]}
+                        {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                        {"name": p.output_name, "datatype": "FP32",
+                         "shape": [-1, len(p.labels)]}]}
 
 
 @router.get("/models/{name}")
@@ -123,9 +138,11 @@ def parse_request(request: Request, body: bytes) -> tuple[InferenceRequest, byte
     """The JSON header and the binary tail (binary tensor data extension) of a request."""
     header_length = request.headers.get("inference-header-content-length")
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise _bad(f"Inference-Header-Content-Length={header_length!r} does not fit "
-                       f"a body of {len(body)} bytes")
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not (header_length.isascii() and header_length.isdigit()) \
+                or int(header_length) > len(body):
+            raise _bad(f"Inference-Header-Content-Length={header_length[:40]!r} is not a "
+                       f"byte count within the body's {len(body)} bytes")
         head, buffers = body[:int(header_length)], body[int(header_length):]
     else:
         head, buffers = body, b""
@@ -133,102 +150,152 @@ def parse_request(request: Request, body: bytes) -> tuple[InferenceRequest, byte
         return InferenceRequest.model_validate_json(head), buffers
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-                             for err in e.errors())
+                             for err in e.errors()[:5])
         raise _bad(f"invalid inference request: {problems}") from None
 
 
-def _deserialize_bytes(raw: bytes) -> list[bytes]:
-    """Triton's BYTES wire format: each element is a little-endian uint32 length + bytes."""
+def requested_outputs(req: InferenceRequest, predictor: Predictor) -> list[RequestOutput]:
+    """The outputs asked for (default: probabilities and label), checked before inference."""
+    available = output_names(predictor)
+    wanted = req.outputs or [RequestOutput(name=n) for n in DERIVED_OUTPUTS]
+    for i, out in enumerate(wanted):
+        if out.name not in available:
+            raise _bad(f"outputs.{i}.name: unknown output {out.name[:64]!r}; available: "
+                       f"{list(available)}")
+    return wanted
+
+
+def _flatten(data: Any, depth: int, where: str) -> list:
+    """Tensor data given flat or nested as its shape (as Triton takes it), as a flat list;
+    at most ``depth`` levels of lists, so no nesting can run deeper than the shape."""
+    if not isinstance(data, list):
+        raise _bad(f"{where}: expected a list of values, got {type(data).__name__}")
+    flat = data
+    for _ in range(depth - 1):
+        nested = [isinstance(x, list) for x in flat]
+        if not any(nested):
+            break
+        if not all(nested):
+            raise _bad(f"{where}: mixes lists and values at one level")
+        flat = [y for x in flat for y in x]
+    if any(isinstance(x, (list, dict)) for x in flat):
+        raise _bad(f"{where}: nested deeper than its shape allows")
+    return flat
+
+
+def _deserialize_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
+    """Triton's BYTES wire format (little-endian uint32 length + bytes per element); exactly
+    ``count`` elements filling ``raw``, read no further than that."""
     out, pos = [], 0
     while pos < len(raw):
+        if len(out) == count:
+            raise _bad(f"{where}: binary data holds more than the {count} elements of its "
+                       f"shape")
         if pos + 4 > len(raw):
-            raise _bad("truncated BYTES tensor in the binary data")
+            raise _bad(f"{where}: truncated BYTES tensor in the binary data")
         (n,) = struct.unpack_from("<I", raw, pos)
         if pos + 4 + n > len(raw):
-            raise _bad("truncated BYTES tensor in the binary data")
+            raise _bad(f"{where}: truncated BYTES tensor in the binary data")
         out.append(raw[pos + 4:pos + 4 + n])
         pos += 4 + n
     return out
 
 
-def request_inputs(req: InferenceRequest, buffers: bytes, entry: ModelEntry
-                   ) -> tuple[list[bytes] | None, np.ndarray | None]:
-    """Encoded images (a BYTES input) or an N x 3 x H x W tensor (an FP32 input)."""
-    offset = 0
-    tensors = []
-    for spec in req.inputs:
-        size = (spec.parameters or {}).get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(buffers):
-                raise _bad(f"input {spec.name!r}: binary_data_size={size!r} runs past the "
-                           f"{len(buffers)} bytes of binary data")
-            tensors.append((spec, buffers[offset:offset + size], True))
-            offset += size
-        elif spec.data is not None:
-            tensors.append((spec, spec.data, False))
-        else:
-            raise _bad(f"input {spec.name!r} has neither 'data' nor binary data")
-    predictor = entry.predictor
-    if len(tensors) != 1:
-        raise _bad(f"send exactly one input: BYTES {BYTES_INPUT!r} (encoded images) or "
-                   f"FP32 {predictor.input_name!r} (N x 3 x H x W); got {len(tensors)}")
-    spec, data, binary = tensors[0]
+def request_inputs(req: InferenceRequest, buffers: bytes, predictor: Predictor,
+                   max_images: int) -> tuple[list[bytes] | None, np.ndarray | None]:
+    """Encoded images (a BYTES input) or an N x 3 x H x W tensor (an FP32 input), each
+    agreeing with its shape, with 1..``max_images`` images; InputError naming the field."""
+    if len(req.inputs) != 1:
+        raise _bad(f"inputs: send exactly one input: BYTES {BYTES_INPUT!r} (encoded images) "
+                   f"or FP32 {predictor.input_name!r} (N x 3 x H x W); got {len(req.inputs)}")
+    spec, where = req.inputs[0], "inputs.0"
+    count = math.prod(spec.shape)
+    size = (spec.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or not 0 <= size <= len(buffers):
+            raise _bad(f"{where}.parameters.binary_data_size={size!r}: not a byte count "
+                       f"within the {len(buffers)} bytes of binary data")
+        if size != len(buffers):
+            raise _bad(f"{where}.parameters.binary_data_size={size} leaves "
+                       f"{len(buffers) - size} bytes of binary data unused")
+    elif spec.data is None:
+        raise _bad(f"{where}: has neither 'data' nor binary data")
+    elif buffers:
+        raise _bad(f"{where}: 'data' is given, so the {len(buffers)} bytes of binary data "
+                   f"after the JSON header belong to nothing")
     if spec.datatype == "BYTES":
-        if binary:
-            images = _deserialize_bytes(data)
+        if not 1 <= count <= max_images:
+            raise _bad(f"{where}.shape {spec.shape}: {count} images; a request may carry 1 to "
+                       f"{max_images} (the model's max_batch_size)")
+        if size is not None:
+            images = _deserialize_bytes(buffers, count, where)
         else:
-            flat = np.asarray(data, dtype=object).ravel().tolist()
+            flat = _flatten(spec.data, len(spec.shape), f"{where}.data")
+            if not all(isinstance(s, str) for s in flat):
+                raise _bad(f"{where}.data: BYTES input in JSON must hold base64-encoded image "
+                           f"files (strings)")
+            if len(flat) != count:
+                raise _bad(f"{where}.shape {spec.shape} holds {count} elements but 'data' has "
+                           f"{len(flat)}")
             try:
                 images = [base64.b64decode(s, validate=True) for s in flat]
-            except (binascii.Error, TypeError, ValueError) as e:
-                raise _bad("BYTES input in JSON must hold base64-encoded image files") from e
-        if not images:
-            raise _bad("BYTES input holds no images")
+            except (binascii.Error, ValueError):
+                raise _bad(f"{where}.data: BYTES input in JSON must hold base64-encoded "
+                           f"image files") from None
+        if len(images) != count:
+            raise _bad(f"{where}.shape {spec.shape} holds {count} elements but the binary "
+                       f"data has {len(images)}")
         return images, None
     if spec.datatype == "FP32":
         c = predictor.spec.crop_size
-        try:
-            if binary:
-                tensor = np.frombuffer(data, dtype="<f4").astype(np.float32)
-            else:
-                tensor = np.asarray(data, dtype=np.float32)
-            tensor = tensor.reshape(spec.shape)
-        except (ValueError, TypeError) as e:
-            raise _bad(f"FP32 input does not match its shape {spec.shape}: {e}") from e
-        if tensor.ndim != 4 or tensor.shape[1:] != (3, c, c) or tensor.shape[0] < 1:
-            raise _bad(f"FP32 input must be N x 3 x {c} x {c} (preprocessed), got "
-                       f"{list(tensor.shape)}")
+        n = spec.shape[0]
+        if len(spec.shape) != 4 or spec.shape[1:] != [3, c, c] or not 1 <= n <= max_images:
+            raise _bad(f"{where}.shape {spec.shape}: FP32 input must be N x 3 x {c} x {c} "
+                       f"(preprocessed) with N from 1 to {max_images} (the model's "
+                       f"max_batch_size)")
+        if size is not None:
+            if size != 4 * count:
+                raise _bad(f"{where}.parameters.binary_data_size={size}: shape {spec.shape} "
+                           f"needs {4 * count} bytes of FP32")
+            tensor = np.frombuffer(buffers, dtype="<f4").astype(np.float32)
+        else:
+            flat = _flatten(spec.data, len(spec.shape), f"{where}.data")
+            if len(flat) != count:
+                raise _bad(f"{where}.shape {spec.shape} holds {count} elements but 'data' has "
+                           f"{len(flat)}")
+            if not all(type(x) in (int, float) for x in flat):
+                raise _bad(f"{where}.data: FP32 input must hold numbers")
+            tensor = np.asarray(flat, dtype=np.float32)
+        tensor = tensor.reshape(spec.shape)
         if not np.isfinite(tensor).all():
-            raise _bad("FP32 input holds NaN or infinity")
+            raise _bad(f"{where}.data: FP32 input holds NaN or infinity")
         return None, tensor
-    raise _bad(f"input datatype {spec.datatype!r} is not supported; use BYTES (encoded "
+    raise _bad(f"{where}.datatype {spec.datatype[:32]!r} is not supported; use BYTES (encoded "
                f"images) or FP32 (preprocessed N x 3 x H x W)")
 
 
-def render(req: InferenceRequest, entry: ModelEntry, logits: np.ndarray) -> Response:
-    """The answer: probabilities (FP32 N x C) and the top-1 label (BYTES N), from the
-    Predictor's encode stage."""
+def render(req: InferenceRequest, wanted: list[RequestOutput], entry: ModelEntry,
+           logits: np.ndarray) -> Response:
+    """The answer: each wanted output (probabilities FP32 N x C, top-1 label BYTES N, the
+    graph's logits FP32 N x C), from the Predictor's encode stage."""
     predictor = entry.predictor
     probabilities = predictor.probabilities(logits)
-    labels = [predictor.rank(row, 1)[0].label for row in probabilities]
-    probs = probabilities.astype(np.float32)
-    wanted = req.outputs or [RequestOutput(name=n) for n in OUTPUTS]
     binary_default = bool((req.parameters or {}).get("binary_data_output", False))
     outputs, tail = [], []
     for out in wanted:
-        if out.name not in OUTPUTS:
-            raise _bad(f"unknown output {out.name!r}; available: {list(OUTPUTS)}")
         binary = bool((out.parameters or {}).get("binary_data", binary_default))
-        if out.name == "probabilities":
-            entry_out = ResponseOutput.model_construct(name=out.name, datatype="FP32",
-                                                       shape=list(probs.shape))
-            raw = probs.astype("<f4").tobytes()
-            values = [float(x) for x in probs.ravel()]
-        else:
+        if out.name == "label":
+            labels = [predictor.rank(row, 1)[0].label for row in probabilities]
             entry_out = ResponseOutput.model_construct(name=out.name, datatype="BYTES",
                                                        shape=[len(labels)])
             raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in labels)
             values = labels
+        else:
+            array = (probabilities if out.name == "probabilities" else logits).astype(np.float32)
+            entry_out = ResponseOutput.model_construct(name=out.name, datatype="FP32",
+                                                       shape=list(array.shape))
+            raw = array.astype("<f4").tobytes()
+            values = [float(x) for x in array.ravel()]
         if binary:
             entry_out.parameters = {"binary_data_size": len(raw)}
             tail.append(raw)
@@ -250,13 +317,15 @@ async def _infer(request: Request, dataplane: DataPlane, name: str,
     async def work(entry: ModelEntry) -> tuple[Response, int]:
         body = await read_body(request, dataplane.config.max_body_bytes)
         req, buffers = parse_request(request, body)
-        images, tensor = request_inputs(req, buffers, entry)
+        wanted = requested_outputs(req, entry.predictor)
+        images, tensor = request_inputs(req, buffers, entry.predictor,
+                                        dataplane.config.max_batch_size)
         if images is not None:
             results = await dataplane.infer_images(entry, images)
         else:
             results = await dataplane.infer_arrays(entry, list(tensor))
         logits = np.stack([row for row, _ in results])
-        return render(req, entry, logits), max(b for _, b in results)
+        return render(req, wanted, entry, logits), max(b for _, b in results)
 
     return await dataplane.serve(name, version, work, method=request.method,
                                  path=request.url.path)

@@ -37,7 +37,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from serving.errors import ModelNotFound, ServingError
-from serving.http.dataplane import DataPlane
+from serving.http.dataplane import DataPlane, version_key
 from serving.http.dependencies import DataPlaneDep
 from serving.http.torchserve_api import describe
 
@@ -101,7 +101,7 @@ def allowed_path(url: str | None, allowed_dirs: Sequence[str | os.PathLike]) -> 
     try:
         roots = [Path(os.path.realpath(d)) for d in allowed_dirs]
         given = [Path(url)] if Path(url).is_absolute() else [root / url for root in roots]
-        found = [(p, Path(os.path.realpath(p))) for p in given if p.exists()]
+        found = [Path(os.path.realpath(p)) for p in given if p.exists()]
     except (ValueError, OSError) as e:  # NUL bytes, over-long names
         raise _bad_request(f"url={url!r} is not a usable path: {e}") from e
     allowed = sorted(map(str, roots))
@@ -110,7 +110,7 @@ def allowed_path(url: str | None, allowed_dirs: Sequence[str | os.PathLike]) -> 
             raise _forbidden(f"url={url!r} is outside the allowed directories {allowed}")
         raise ModelNotFound(f"url={url!r}: no such version directory or .mar under the "
                             f"allowed directories {allowed}")
-    path, real = found[0]
+    real = found[0]
     if not _within(real, roots):
         raise _forbidden(f"url={url!r} resolves to {real}, outside the allowed directories "
                          f"{allowed}")
@@ -164,12 +164,14 @@ async def register(request: Request, dataplane: DataPlaneDep, url: str | None = 
                            f"'_', '.', '-', starting with a letter or digit")
     try:
         predictor = await dataplane.load_version(str(path), model_name)
-    except Exception as e:  # noqa: BLE001 - whatever the files hold, the client chose them
+    except Exception as e:  # whatever the files hold: the client chose them
         raise _bad_request(f"cannot load url={url!r} ({path}): {type(e).__name__}: {e}") from e
-    try:
-        dataplane.add_version(predictor)
-    except ValueError as e:
-        raise _conflict(str(e)) from e
+    taken = dataplane.models.versions.get(predictor.name, {}).get(
+        version_key(predictor.version))
+    if taken is not None:
+        raise _conflict(f'Model version {predictor.version} is already registered for model '
+                        f'"{predictor.name}" (from {taken.predictor.source})')
+    dataplane.add_version(predictor)
     log.info("registered %s v%s from %s", predictor.name, predictor.version, path)
     return {"status": f'Model "{predictor.name}" Version: {predictor.version} registered '
                       f'with 1 initial workers'}
