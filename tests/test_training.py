@@ -28,7 +28,6 @@ from training.data import eval_transform, load_splits, train_transform
 from training.evaluate import compute_report
 from training.models import SUPPORTED_ARCHS, build_model, calibrate_batchnorm, check_arch
 from training.sample_data import CLASSES, generate
-from training.tracking import Tracker
 from training.version import CONTRACT_FILES, load_version
 
 TINY = {"resize_size": 36, "crop_size": 32, "epochs": 2, "batch_size": 8, "workers": 0,
@@ -278,17 +277,6 @@ def test_train_writes_versions_tracks_and_registers(image_root, tmp_path, tracki
 
     v2 = train_mod.train(config)
     assert v2.name == "v2" and (v2.parent / "latest").resolve() == v2.resolve()
-
-
-def test_champion_moves_only_to_a_better_version(tracking):
-    client = mlflow.MlflowClient()
-    champions = []
-    for number, acc in ((1, 0.50), (2, 0.40), (3, 0.70), (4, 0.70)):
-        tracker = Tracker("champion-test")
-        tracker.register("champ-model", number, acc)
-        tracker.end()
-        champions.append(int(client.get_model_version_by_alias("champ-model", "champion").version))
-    assert champions == [1, 1, 3, 3]
 
 
 def test_tracking_failure_does_not_stop_training(image_root, tmp_path, monkeypatch, caplog):

@@ -23,6 +23,7 @@ import yaml
 from serving.artifacts import MODEL_FILES, ModelArtifacts, read_model
 from serving.atomic import atomic_write, staging_dir, write_json
 from serving.launch import console_script
+from training.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,16 @@ def build_archive(model_dir: str | Path, fmt: str = DEFAULT_FORMAT, name: str | 
         raise ArchiveError(f"--format {fmt!r}: allowed {', '.join(FORMATS)}")
     version = read_model(model_dir)
     model_file = version.path / MODEL_FILES[fmt]
-    if fmt not in version.formats:
+    if fmt in version.formats:
+        model_file = version.model_file(fmt)  # from the export read_model resolved
+    else:
         raise ArchiveError(f"{model_file} does not exist: run `python -m training export "
                            f"--model {model_dir}` first (make archive does)")
     name = name or version.name
     export_path = Path(export_path)
 
-    with staging_dir(export_path, "archive") as stage:
+    # One archive writer per model store; a killed one's leftovers are removed here.
+    with exclusive(export_path, "another archive build"), staging_dir(export_path, "archive") as stage:
         write_json(stage / "index_to_name.json", index_to_name(version))
         shutil.copyfile(version.path / "model_config.json", stage / "model_config.json")
         package = stage / "carried" / "serving"

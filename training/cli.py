@@ -20,12 +20,13 @@ OWN_LOGGERS = ("training", "serving")
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training.train import train
+    from training.locks import Busy
+    from training.train import RunConflict, train
 
     try:
         config = load_config(args.config, overrides, resume=args.resume)
         train(config, resume=args.resume)  # checks the arch against torchvision first
-    except ConfigError as e:
+    except (ConfigError, RunConflict, Busy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -80,6 +81,36 @@ def _demo(args: argparse.Namespace) -> int:
     from training.demo import demo_cli
 
     return demo_cli(args)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from training.registry import promote_cli
+
+    return promote_cli(args)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from training.registry import rollback_cli
+
+    return rollback_cli(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from training.registry import models_cli
+
+    return models_cli(args)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from training.deploy import deploy_cli
+
+    return deploy_cli(args)
+
+
+def _retrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.retrain import retrain_cli
+
+    return retrain_cli(args, overrides)
 
 
 def _config_help() -> str:
@@ -145,6 +176,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, export, archive, serve with TorchServe, classify")
     p.set_defaults(func=_demo)
+
+    registered = TrainConfig.registered_model
+    p = sub.add_parser("promote", help="make a registered version the champion, by hand")
+    p.add_argument("--version", type=int, required=True, help="registry version number")
+    p.add_argument("--reason", required=True, help="why (kept as a registry tag)")
+    p.add_argument("--registered-model", default=registered)
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("rollback", help="move the champion back (default: to the version it "
+                                        "replaced)")
+    p.add_argument("--to", type=int, default=None, help="registry version number")
+    p.add_argument("--reason", required=True, help="why (kept as a registry tag)")
+    p.add_argument("--registered-model", default=registered)
+    p.set_defaults(func=_rollback)
+
+    p = sub.add_parser("models", help="registered versions, their metrics, the champion")
+    p.add_argument("--registered-model", default=registered)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("deploy", help="switch a running TorchServe to a version (management "
+                                      "API, no failed request)")
+    p.add_argument("--torchserve", required=True, metavar="URL",
+                   help="TorchServe's management API, e.g. http://127.0.0.1:8081")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default="artifacts/food/latest", help="version directory")
+    source.add_argument("--version", type=int, default=None,
+                        help="registry version number (instead of --model)")
+    p.add_argument("--name", default=None, help="model name in TorchServe (default: the "
+                                                "version's name)")
+    p.add_argument("--model-store", default="model_store",
+                   help="TorchServe's model_store directory (the .mar is placed there)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--inference", default=None, metavar="URL",
+                   help="TorchServe's inference API: warm the new version up before the switch")
+    p.add_argument("--token", default=None, help="management token, when token "
+                                                 "authorization is on")
+    p.add_argument("--drain-seconds", type=float, default=2.0,
+                   help="time the old version's workers get to finish their batches")
+    p.add_argument("--registered-model", default=registered)
+    p.set_defaults(func=_deploy)
+
+    p = sub.add_parser("retrain", help="train on feedback, promote if better, deploy; with "
+                                       "--if-needed only when it is time",
+                       description="Config keys can be overridden as for train.",
+                       epilog="cron: 0 3 * * * cd /srv/food && python -m training retrain "
+                              "--if-needed --min-new-labels 200 --max-age-days 7 "
+                              "--feedback sqlite:///feedback.db")
+    p.add_argument("--config", default="configs/sample.yaml", help="YAML config file")
+    p.add_argument("--feedback", default=None, metavar="URL",
+                   help="feedback store (sets the config key feedback)")
+    p.add_argument("--if-needed", action="store_true",
+                   help="train only with enough new labels or a champion that is too old")
+    p.add_argument("--min-new-labels", type=int, default=100)
+    p.add_argument("--max-age-days", type=float, default=30.0)
+    p.add_argument("--deploy-torchserve", default=None, metavar="URL",
+                   help="after a promotion, switch this TorchServe (management API) to it")
+    p.add_argument("--model-store", default="model_store",
+                   help="TorchServe's model_store directory, for --deploy-torchserve")
+    p.add_argument("--inference", default=None, metavar="URL",
+                   help="TorchServe's inference API, for the warm-up request")
+    p.set_defaults(func=_retrain, takes_overrides=True)
     return parser
 
 

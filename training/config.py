@@ -23,6 +23,7 @@ DATASETS = ("imagefolder", "food101")
 WEIGHTS_KEYWORDS = ("imagenet", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LR_SCALINGS = ("none", "linear")
 
 
 class ConfigError(ValueError):
@@ -69,11 +70,20 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # mixed precision, used on CUDA only
     topk: int = 3  # default k of predict and the servers
+    # several processes (torchrun): batch_size is per process, the global batch is
+    # batch_size * world_size; lr_scaling=linear gives the optimizer lr * world_size
+    lr_scaling: str = "none"  # none | linear
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (CUDA)
     # where things go
     artifacts_dir: str = "artifacts"
     checkpoint_dir: str = "checkpoints"
     experiment: str = "nutrilearn-food-training"
     registered_model: str = "food-classifier"
+    # learning from the app's confirmed labels, and the champion's promotion
+    feedback: str | None = None  # feedback store URL (sqlite:///feedback.db): train on it too
+    feedback_eval_fraction: float = 0.2  # confirmed photos kept aside for evaluation (seeded)
+    feedback_new_classes: bool = False  # a confirmed label outside the classes becomes one
+    promote_min_gain: float = 0.0  # champion moves when the gain on the same set exceeds it
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -82,6 +92,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_public_dict(self) -> dict:
+        """``to_dict`` with a password in the feedback URL masked: what MLflow params and
+        model_config.json record (the checkpoint keeps the real URL for --resume)."""
+        from training.feedback_data import redact_url
+
+        values = self.to_dict()
+        if values["feedback"]:
+            values["feedback"] = redact_url(values["feedback"])
+        return values
 
 
 def _fields() -> dict[str, dataclasses.Field]:
@@ -189,6 +209,16 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
                           f"0 < lo <= hi <= 1")
     if c.dataset not in DATASETS:
         raise ConfigError(f"dataset={c.dataset!r}; allowed: {', '.join(DATASETS)}")
+    if not 0 <= c.feedback_eval_fraction < 1:
+        raise ConfigError(f"feedback_eval_fraction={c.feedback_eval_fraction} must be in [0, 1)")
+    if not -1 < c.promote_min_gain < 1:
+        raise ConfigError(f"promote_min_gain={c.promote_min_gain} must be in (-1, 1): an "
+                          f"accuracy difference")
+    if c.feedback is not None and "://" not in c.feedback:
+        raise ConfigError(f"feedback={c.feedback!r} is not a database URL; use e.g. "
+                          f"sqlite:///feedback.db or postgresql://user@host/db")
+    if c.lr_scaling not in LR_SCALINGS:
+        raise ConfigError(f"lr_scaling={c.lr_scaling!r}; allowed: {', '.join(LR_SCALINGS)}")
     if c.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer={c.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
     if c.freeze not in FREEZE_POLICIES:

@@ -22,6 +22,7 @@ from torchvision import transforms as T
 
 from serving.preprocess import InputError, PreprocessSpec, decode_image, preprocess
 from training.config import TrainConfig
+from training.feedback_data import load_feedback
 from training.imagefolder import scan_image_folder
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class DataSplits:
     classes: list[str]
     skipped: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    # confirmed feedback photos kept aside (train --feedback): evaluated apart from ``val``
+    feedback_eval: list[Sample] = field(default_factory=list)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -160,24 +163,35 @@ def load_splits(config: TrainConfig) -> DataSplits:
         extra_train, extra_val = _split(extra_samples, config.val_fraction, config.seed)
         train, val = train + extra_train, val + extra_val
         source["extra_data_dir"] = config.extra_data_dir
+    feedback_eval: list[Sample] = []
+    if config.feedback:  # the app's confirmed photos: most to train on, a seeded slice apart
+        feedback = load_feedback(config.feedback, config.name, classes, seed=config.seed,
+                                 eval_fraction=config.feedback_eval_fraction,
+                                 allow_new_classes=config.feedback_new_classes)
+        classes, train, feedback_eval = feedback.classes, train + feedback.train, feedback.eval
+        source["feedback"] = feedback.source
     for path in skipped:
         log.warning("skipped (not a readable image): %s", path)
     if skipped:
         log.warning("skipped %d file(s) that are not readable images", len(skipped))
     source.update(num_classes=len(classes), num_train=len(train), num_val=len(val),
                   num_skipped=len(skipped))
-    return DataSplits(train, val, classes, skipped, source)
+    return DataSplits(train, val, classes, skipped, source, feedback_eval)
 
 
 def make_loader(samples: list[Sample], transform, batch_size: int, workers: int,
-                shuffle: bool, generator: torch.Generator | None = None
+                shuffle: bool, generator: torch.Generator | None = None,
+                sampler: torch.utils.data.Sampler | None = None
                 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``samples``; ``generator`` makes shuffling and worker seeds
     reproducible (the train loop re-seeds it every epoch, which is what makes resume exact).
-    Shuffled (training) loaders drop a ragged last batch: a batch of one breaks BatchNorm."""
+    Shuffled (training) loaders drop a ragged last batch: a batch of one breaks BatchNorm.
+    A ``sampler`` (a rank's DistributedSampler share) replaces the loader's own shuffling."""
+    n = len(sampler) if sampler is not None else len(samples)
     return torch.utils.data.DataLoader(
-        ImageList(samples, transform), batch_size=batch_size, shuffle=shuffle,
-        drop_last=shuffle and len(samples) > batch_size,
+        ImageList(samples, transform), batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False, sampler=sampler,
+        drop_last=shuffle and n > batch_size,
         num_workers=workers, generator=generator, collate_fn=collate_skipping_none,
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
         worker_init_fn=_seed_worker if workers else None)

@@ -66,14 +66,15 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- one epoch, one pass
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, device: torch.device, config: TrainConfig,
-                    epoch: int) -> dict:
-    """One pass over ``loader`` with gradient steps; loss, accuracy and speed of the epoch."""
+                    epoch: int, *, progress: bool = True) -> dict:
+    """One pass over ``loader`` with gradient steps; loss, accuracy and speed of the epoch
+    (``progress=False``: no progress bar, as on the ranks other than 0 of a job)."""
     model.train()
     use_amp = config.amp and device.type == "cuda"
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not progress)
     for x, y in bar:
         if len(x) == 0:  # every image of the batch failed to decode
             continue
@@ -128,7 +129,8 @@ class Checkpoint:
     """Everything ``--resume`` needs to replay the rest of a run bit for bit.
 
     Written after every epoch; ``finished`` and ``version_dir`` are set once the run has
-    written its model version, so a finished run is never resumed twice.
+    written its model version, so a finished run is never resumed twice. ``run_id`` is
+    written into that version too: a run killed between the two is recognised on resume.
     """
 
     config: dict  # TrainConfig.to_dict() of the run: a resumed run keeps its settings
@@ -146,6 +148,7 @@ class Checkpoint:
     mlflow_run_id: str | None
     finished: bool = False
     version_dir: str | None = None
+    run_id: str | None = None  # this run's id, also in its version's model_config.json
 
     def to_dict(self) -> dict:
         """Field name -> value, shallow (tensors are not copied)."""

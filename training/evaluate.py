@@ -1,5 +1,9 @@
 """Evaluation reports: ``evaluation.json``, ``confusion_matrix.png``, ``training_curves.png``,
-``predictions.csv``. Metrics come from scikit-learn; plots from matplotlib (headless)."""
+``predictions.csv``. Metrics come from scikit-learn; plots from matplotlib (headless).
+
+A version trained with feedback is also scored on its feedback slice, apart from the
+validation split: ``evaluation.json`` keeps the validation report at the top level and adds
+it under ``"feedback"``, and ``feedback_predictions.csv`` lists those images."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from serving.predictor import softmax
 from training.data import eval_transform, make_loader
 from training.engine import pick_device, run_inference
 from training.models import load_eager
+from training.registry import FEEDBACK_PREDICTIONS
 from training.version import load_version
 
 log = logging.getLogger(__name__)
@@ -131,10 +136,26 @@ def write_predictions_csv(samples: list[tuple[str, int]], logits: np.ndarray,
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def infer_samples(model, samples: list[tuple[str, int]], spec, device, batch_size: int = 64,
+                  workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of ``samples`` under the serving preprocessing (empty for none)."""
+    if not samples:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    loader = make_loader(samples, eval_transform(spec), batch_size, workers, shuffle=False)
+    return run_inference(model, loader, device)
+
+
 def write_reports(out_dir: Path, samples: list[tuple[str, int]], logits: np.ndarray,
-                  labels: np.ndarray, classes: list[str]) -> dict:
-    """Compute and write evaluation.json, confusion_matrix.png and predictions.csv."""
+                  labels: np.ndarray, classes: list[str],
+                  feedback: tuple[list, np.ndarray, np.ndarray] | None = None) -> dict:
+    """Compute and write evaluation.json, confusion_matrix.png and predictions.csv; with
+    ``feedback`` (samples, logits, labels of the feedback slice) also its report, apart."""
     report = compute_report(logits, labels, classes)
+    if feedback is not None:
+        fb_samples, fb_logits, fb_labels = feedback
+        report["feedback"] = (compute_report(fb_logits, fb_labels, classes) if len(fb_samples)
+                              else {"num_samples": 0})
+        write_predictions_csv(fb_samples, fb_logits, classes, out_dir / FEEDBACK_PREDICTIONS)
     write_json(out_dir / "evaluation.json", report)
     plot_confusion_matrix(np.array(report["confusion_matrix"]), classes,
                           out_dir / "confusion_matrix.png")
@@ -161,7 +182,16 @@ def evaluate_version(model_path: str | Path, device: str = "auto", batch_size: i
     loader = make_loader(samples, eval_transform(version.spec), batch_size, workers=0,
                          shuffle=False)
     logits, labels = run_inference(model.to(dev), loader, dev)
-    report = write_reports(version_dir, samples, logits, labels, version.labels)
+    feedback = None
+    if (version_dir / FEEDBACK_PREDICTIONS).is_file():  # trained with feedback: its slice too
+        with open(version_dir / FEEDBACK_PREDICTIONS, newline="") as f:
+            rows = [(r["path"], version.class_to_idx[r["true_label"]]) for r in csv.DictReader(f)]
+        fb = [(p, y) for p, y in rows if Path(p).is_file()]
+        if len(fb) < len(rows):  # stored photos expire (the store's retention)
+            log.warning("%d feedback image(s) of %s are gone; the feedback report covers the "
+                        "%d left", len(rows) - len(fb), version_dir, len(fb))
+        feedback = (fb, *infer_samples(model, fb, version.spec, dev, batch_size))
+    report = write_reports(version_dir, samples, logits, labels, version.labels, feedback)
     log.info("evaluated %s: top1 %.4f on %d images", version_dir, report["top1"],
              report["num_samples"])
     return report

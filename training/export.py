@@ -2,9 +2,14 @@
 eager PyTorch on real images; optionally add a static int8 ONNX model.
 
 ``python -m training export --model artifacts/food/latest [--quantize int8]`` writes
-``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into the version directory. Each file
-is written under a temporary name, checked, and only then renamed into place
-(``serving.atomic.atomic_write``).
+``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into the version directory as ONE
+unit: all of them are written and checked in a staging directory, which is published as
+``.export-<n>/`` (with ``export.json``: what was written, its sha256 and parity) and made
+current by swapping one symlink, ``export -> .export-<n>``. ``model.onnx`` and friends in the
+version directory are links through ``export/``, so a reader never sees a model.ts of one
+export beside a model.onnx of another, whenever a run is killed. ``serving.artifacts``
+resolves ``export`` once per load. The previous export is kept for readers still loading it;
+older ones, and a killed export's leftovers, are removed by the next export.
 
 ONNX uses torch's dynamo exporter (the default since torch 2.9; the TorchScript-based one is
 deprecated) with ``external_data=False`` so the weights stay inside the one ``.onnx`` file
@@ -13,10 +18,15 @@ deprecated) with ``external_data=False`` so the weights stay inside the one ``.o
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from serving.atomic import atomic_write
+from serving.artifacts import EXPORT_LINK, MODEL_FILES
+from serving.atomic import atomic_write, point_symlink, publish_dir, staging_dir, write_json
 from serving.predictor import ort_session
 from serving.preprocess import InputError, PreprocessSpec, preprocess_bytes
+from training.crashpoints import crash_point
+from training.locks import exclusive
 from training.models import load_eager
 from training.version import ModelVersion, load_version
 
@@ -37,6 +50,8 @@ PARITY_BATCH_SIZES = (1, 8)
 MAX_PARITY_IMAGES = 32
 MAX_CALIBRATION_IMAGES = 128
 MAX_INT8_EVAL_IMAGES = 2000
+EXPORT_PREFIX = ".export-"  # published export directories inside a version directory
+MANIFEST = "export.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -263,44 +278,100 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
     model = load_eager(version)
     example = torch.from_numpy(batch[:2].copy())
 
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported")
     report = ExportReport()
-    ts_path, onnx_path = version.path / "model.ts", version.path / "model.onnx"
+    version_dir = version.path
 
-    # Both files go to temp names and are checked together; each is renamed into place
-    # only when everything inside its atomic_write returned, so a refusal writes nothing.
-    def write_onnx(tmp_onnx: Path) -> None:
-        export_onnx(model, example, tmp_onnx)
-        atomic_write(ts_path, lambda tmp_ts: write_torchscript(tmp_ts, tmp_onnx))
-
-    def write_torchscript(tmp_ts: Path, tmp_onnx: Path) -> None:
-        export_torchscript(model, example, tmp_ts)
-        report.parity = check_parity(model, tmp_ts, tmp_onnx, batch)
+    def fill(stage: Path) -> None:
+        export_onnx(model, example, stage / "model.onnx")
+        export_torchscript(model, example, stage / "model.ts")
+        report.parity = check_parity(model, stage / "model.ts", stage / "model.onnx", batch)
         if not all(r.ok for r in report.parity):
             raise ExportError("parity check failed, model.ts/model.onnx not written:\n"
                               + "\n".join(str(r) for r in report.parity))
+        if quantize == "int8":
+            # Agreement and accuracy on the whole validation split (not just the parity
+            # batch): at 32 images one flipped answer would already be 3%.
+            val = validation_images(version)[:MAX_INT8_EVAL_IMAGES]
+            val_paths = [p for p, _ in val] or list(images)
+            truth = np.array([version.class_to_idx[label] for _, label in val]) if val else None
+            chosen = calibration_images or training_images(version) or images
+            calibration = load_images(chosen[:MAX_CALIBRATION_IMAGES], spec)
+            report.quantization = quantize_int8(stage / "model.onnx", stage / "model.int8.onnx",
+                                                calibration, load_images(val_paths, spec),
+                                                truth, min_agreement)
+        write_json(stage / MANIFEST, manifest(stage, report))
 
-    atomic_write(onnx_path, write_onnx)
-    report.files = [ts_path, onnx_path]
-
-    if quantize == "int8":
-        # Agreement and accuracy on the whole validation split (not just the parity batch):
-        # at 32 images one flipped answer would already be 3%.
-        val = validation_images(version)[:MAX_INT8_EVAL_IMAGES]
-        val_paths = [p for p, _ in val] or list(images)
-        truth = np.array([version.class_to_idx[label] for _, label in val]) if val else None
-        calibration_images = calibration_images or training_images(version) or images
-        calibration = load_images(calibration_images[:MAX_CALIBRATION_IMAGES], spec)
-        report.quantization = quantize_int8(onnx_path, version.path / "model.int8.onnx",
-                                            calibration, load_images(val_paths, spec), truth,
-                                            min_agreement)
-        report.files.append(version.path / "model.int8.onnx")
-    elif quantize is not None:
-        raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported")
+    write_export(version_dir, fill)
+    report.files = [version_dir / name for name in ("model.ts", "model.onnx", "model.int8.onnx")
+                    if (version_dir / name).is_file()]
+    onnx_path = version_dir / "model.onnx"
 
     with torch.inference_mode():
         logits = model(example).numpy()
     log_to_mlflow(version, onnx_path, report.files, example.numpy(), logits)
     return report
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(stage: Path, report: ExportReport) -> dict:
+    """``export.json``: the files of this export with their sizes and sha256, and its checks."""
+    files = {name: {"bytes": (stage / name).stat().st_size, "sha256": _sha256(stage / name)}
+             for name in MODEL_FILES.values() if (stage / name).is_file()}
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
+            "parity": [vars(r) for r in report.parity], "quantization": report.quantization}
+
+
+def write_export(version_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """Publish the files ``fill(stage)`` writes into a staging directory as the version's
+    export, all at once; returns the published directory. Nothing is published if ``fill``
+    raises. One export of a version runs at a time; a killed one's leftovers go here."""
+    with exclusive(version_dir, "another export of this version"), staging_dir(version_dir, "export") as stage:
+        fill(stage)
+        crash_point("export_staged")
+        return _publish(version_dir, stage)
+
+
+def _publish(version_dir: Path, stage: Path) -> Path:
+    """Make a filled staging directory the version's current export in one step.
+
+    The directory is published as ``.export-<n>`` (fsynced, renamed); ``model.onnx`` etc. in
+    the version directory are made links through ``export/`` (dangling until the switch when
+    new); then the one switch: ``export`` is pointed at the new directory. Links to files the
+    new export lacks, and exports older than the previous one, are removed afterwards. A kill
+    at any point leaves either the old or the new export current, never a mix.
+    """
+    name = f"{EXPORT_PREFIX}{time.time_ns()}"
+    publish_dir(stage, version_dir / name)
+    crash_point("export_published")
+    current = version_dir / EXPORT_LINK
+    previous = os.readlink(current) if current.is_symlink() else None
+    if current.exists() and not current.is_symlink():
+        raise ExportError(f"{current} is not a link to an export directory; move it away")
+    exported = {p.name for p in (version_dir / name).iterdir()}
+    for file in MODEL_FILES.values():
+        link = version_dir / file
+        target = f"{EXPORT_LINK}/{file}"
+        if file in exported and not (link.is_symlink() and os.readlink(link) == target):
+            point_symlink(link, target)  # a file of an older layout is replaced here
+    point_symlink(current, name)  # the switch: every model file changes at once
+    crash_point("export_switched")
+    for file in MODEL_FILES.values():
+        link = version_dir / file
+        if file not in exported and (link.is_symlink() or link.is_file()):
+            link.unlink()  # from an older export (an int8 model of other weights)
+    for old in version_dir.glob(f"{EXPORT_PREFIX}*"):
+        if old.name not in (name, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return version_dir / name
 
 
 def export_cli(args) -> int:

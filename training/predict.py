@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from serving.predictor import Predictor
@@ -19,10 +18,9 @@ def predict_files(images: list[str], model_path: str | Path = "artifacts/food/la
     """``[(image, [{"label", "probability"}, ...]), ...]`` for each image file."""
     version = load_version(model_path)
     model = load_eager(version)
-    # The servers' decode and encode stages; eager PyTorch stands in for their infer stage.
-    stages = Predictor(version, session=None)
+    # The servers' three stages, with eager PyTorch (model.pth) as the infer stage.
+    predictor = Predictor(version, infer=lambda x: model(torch.from_numpy(x)).numpy(),
+                          fmt="pytorch")
     k = max(1, min(k, len(version.labels)))
-    batch = np.stack([stages.decode(p) for p in images])
-    logits = model(torch.from_numpy(batch)).numpy()
-    return [(p, [pred.to_dict() for pred in stages.encode(row, k)])
-            for p, row in zip(images, logits)]
+    return [(p, [pred.to_dict() for pred in answer])
+            for p, answer in zip(images, predictor.predict_batch(images, k))]

@@ -12,8 +12,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-
 
 def git_commit() -> str | None:
     """The commit this code was checked out at (recorded in a version), or None outside git."""
@@ -28,8 +26,10 @@ def git_commit() -> str | None:
 class Tracker:
     """One MLflow run for one training run (kept across ``--resume``)."""
 
-    def __init__(self, experiment: str, run_id: str | None = None) -> None:
-        self.enabled = True
+    def __init__(self, experiment: str, run_id: str | None = None,
+                 enabled: bool = True) -> None:
+        """``enabled=False``: every call is a no-op (the ranks other than 0 of a job)."""
+        self.enabled = enabled
         self.run_id: str | None = None
         self._mlflow = None
         self._guard("start the MLflow run", self._start, experiment, run_id)
@@ -75,40 +75,27 @@ class Tracker:
     def _mlflow_call(self, name: str, *args, **kwargs):
         return getattr(self._mlflow, name)(*args, **kwargs)
 
-    def register(self, model_name: str, version_number: int, val_acc: float) -> int | None:
-        """Register ``<run>/version`` as a new version of ``model_name``; move ``champion``
-        to it when its validation accuracy beats the current champion's."""
+    def register(self, model_name: str, version_dir: Path, metrics: dict[str, float | None],
+                 min_gain: float = 0.0, device: str = "auto") -> int | None:
+        """Register ``<run>/version`` as a new version of ``model_name`` (tagged with
+        ``metrics``), then move ``champion`` to it only if it beats the champion on its own
+        evaluation set, both evaluated now (:func:`training.registry.promote_if_better`)."""
         return self._guard("register the model", self._register, model_name,
-                           version_number, val_acc)
+                           Path(version_dir), metrics, min_gain, device)
 
-    def _register(self, model_name: str, version_number: int, val_acc: float) -> int:
-        from mlflow.exceptions import MlflowException
+    def _register(self, model_name: str, version_dir: Path, metrics: dict[str, float | None],
+                  min_gain: float, device: str) -> int:
+        from training.registry import RegistryError, promote_if_better, register_version
 
-        client = self._mlflow.MlflowClient()
-        if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
-            client.create_registered_model(model_name, description="Food-image classifier")
         source = f"{self._mlflow.get_run(self.run_id).info.artifact_uri}/version"
-        mv = client.create_model_version(
-            model_name, source=source, run_id=self.run_id,
-            tags={"version_dir": f"v{version_number}", "val_acc": f"{val_acc:.6f}"})
-        if int(mv.version) != version_number:
-            log.warning("registry version %s of %r differs from the directory v%d "
-                        "(the registry and artifacts/ were written by different runs); "
-                        "the tag version_dir links them", mv.version, model_name,
-                        version_number)
-        champion_acc = None
+        mv = register_version(model_name, self.run_id, source, version_dir, metrics)
         try:
-            champ = client.get_model_version_by_alias(model_name, CHAMPION)
-            champion_acc = float(champ.tags.get("val_acc", "nan"))
-        except MlflowException:
-            log.info("%s has no %s yet", model_name, CHAMPION)
-        if champion_acc is None or not champion_acc >= val_acc:
-            client.set_registered_model_alias(model_name, CHAMPION, mv.version)
-            log.info("%s version %s is the new %s (val_acc %.4f, previous %s)", model_name,
-                     mv.version, CHAMPION, val_acc, champion_acc)
-        else:
-            log.info("the %s of %s stays (its val_acc %.4f >= %.4f)", CHAMPION,
-                     model_name, champion_acc, val_acc)
+            promote_if_better(model_name, int(mv.version), version_dir, min_gain,
+                              device=device)
+        except RegistryError as e:
+            log.warning("%s version %s is registered but was not compared with the champion "
+                        "(%s); `python -m training promote --version %s` makes it champion "
+                        "by hand", model_name, mv.version, e, mv.version)
         return int(mv.version)
 
     def end(self, status: str = "FINISHED") -> None:

@@ -8,6 +8,8 @@ into ``v<N>`` in one step (``serving.atomic``), so a reader never sees half a ve
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from serving.artifacts import DEFAULT_TOPK, ModelArtifacts, labels_from_class_to
 # write_json: re-exported only until every caller imports it from serving.atomic.
 from serving.atomic import point_symlink, publish_dir, staging_dir, write_json  # noqa: F401
 from serving.preprocess import PreprocessSpec
+from training.locks import exclusive
 
 # Files every complete version holds (export adds model.ts / model.onnx later).
 CONTRACT_FILES = ("model.pth", "class_to_idx.json", "model_config.json", "evaluation.json",
@@ -53,11 +56,12 @@ def create_version(model_root: Path, write: Callable[[Path, int], None]) -> Path
     """Create the next ``v<N>`` under ``model_root`` by calling ``write(tmp_dir, N)``.
 
     ``write`` fills a staging directory; only if it returns is the directory renamed into
-    place and ``latest`` pointed at it. A concurrent writer that took N first makes us take
-    N+1.
+    place and ``latest`` pointed at it. Writers of one model take turns (``exclusive``); one
+    that took N first makes us take N+1.
     """
     model_root = Path(model_root)
-    with staging_dir(model_root, "version") as tmp:
+    # One version writer per model at a time; a killed one's staging dir is removed here.
+    with exclusive(model_root, "another version writer"), staging_dir(model_root, "version") as tmp:
         while True:
             number = (existing_versions(model_root) or [0])[-1] + 1
             write(tmp, number)
@@ -68,8 +72,21 @@ def create_version(model_root: Path, write: Callable[[Path, int], None]) -> Path
             except OSError:
                 if not final.exists():
                     raise
-    point_symlink(model_root / "latest", final.name)
+        point_symlink(model_root / "latest", final.name)
     return final
+
+
+def find_run_version(model_root: Path, run_id: str | None) -> Path | None:
+    """The version a training run (``training_run_id`` in model_config.json) already wrote,
+    if any: how a resumed run knows it must not write a second one."""
+    if not run_id:
+        return None
+    for number in reversed(existing_versions(Path(model_root))):
+        config_file = Path(model_root) / f"v{number}" / "model_config.json"
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(config_file.read_text()).get("training_run_id") == run_id:
+                return config_file.parent
+    return None
 
 
 def load_version(path: str | Path) -> ModelVersion:
