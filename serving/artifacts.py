@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TOPK = 3
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # Model formats and the file each is stored in (version directory and .mar alike).
-MODEL_FILES = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "torchscript": "model.ts",
-               "pytorch": "model.pth"}
+MODEL_FILES = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "torchscript": "model.ts"}
+# The eager weights (state_dict) a version holds; training's reference "format".
+EAGER_WEIGHTS = "model.pth"
 # The link in a version directory naming its current export directory (training.export).
 EXPORT_LINK = "export"
 
@@ -148,6 +149,8 @@ class ModelArtifacts:
 
     def location(self, fmt: str) -> str:
         """Where the model file of format ``fmt`` is, for messages."""
+        if fmt == "pytorch":
+            return str(self.path / EAGER_WEIGHTS)
         name = MODEL_FILES[fmt]
         return f"{self.path}:{name}" if self.is_archive else str(self.model_file(fmt))
 

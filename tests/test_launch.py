@@ -86,7 +86,9 @@ def test_onnx_server_answers_on_its_ports_and_stops(onnx_version, tmp_path):
     with start_onnx_server([f"food={onnx_version}"], tmp_path / "server.log",
                            extra_args=["--max-batch-size", "2"]) as server:
         assert requests.get(f"{server.url}/ping", timeout=10).json() == {"status": "Healthy"}
-        assert f":{server.port}" in server.url and server.management_url is None
+        assert f":{server.port}" in server.url
+        assert server.management_url and server.management_url != server.url
+        assert requests.get(f"{server.management_url}/models", timeout=10).status_code == 200
         assert "# TYPE" in requests.get(server.metrics_url, timeout=10).text
     assert server.proc.poll() is not None
     with pytest.raises(requests.ConnectionError):
