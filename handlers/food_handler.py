@@ -9,7 +9,10 @@ imports are the same inside TorchServe and in the repository.
 
 Each request of a batch is answered on its own: a bad image gets its own 4xx status and the
 JSON ``{"code", "type", "message"}`` body through ``context.set_response_status(code, phrase,
-idx)``, while the good images of the same batch run through the model together.
+idx)``, any other failure of one request its own 500, while the good images of the same batch
+run through the model together. Images are decoded under the same decode budget as the ONNX
+server (``handler:`` ``max_pixels``, ``max_jpeg_scans``, ``decode_timeout_s`` in the model
+config).
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.artifacts import read_model
-from serving.errors import InputError
-from serving.predictor import Predictor, ort_session, to_json
-from serving.preprocess import DEFAULT_MAX_PIXELS
+from serving.artifacts import cap_threads, read_model
+from serving.errors import BodyTooLarge, InputError, InternalError, ServingError
+from serving.predictor import Predictor, default_threads, ort_session, to_json
+from serving.preprocess import (
+    DEFAULT_DECODE_TIMEOUT_S,
+    DEFAULT_MAX_JPEG_SCANS,
+    DEFAULT_MAX_PIXELS,
+    DecodeBudget,
+)
 
 if TYPE_CHECKING:
     from serving.feedback import FeedbackStore
@@ -36,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+# The ONNX server's --max-body-mb default. TorchServe's frontend (max_request_size in
+# config.properties) takes twice this, so a body over it still arrives and gets this 413 JSON
+# instead of the frontend closing the connection while the client is sending.
+MAX_BODY_BYTES = 20 * 1024 * 1024
 
 
 def torchscript_infer(model: bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -59,6 +71,7 @@ class FoodHandler:
         self.initialized = False
         self.predictor: Predictor | None = None
         self.feedback: FeedbackStore | None = None
+        self.max_body_bytes = MAX_BODY_BYTES
 
     def initialize(self, context) -> None:
         """Read the model directory (labels, preprocessing spec, top-k), load the model."""
@@ -66,19 +79,22 @@ class FoodHandler:
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         handler_config = yaml_config.get("handler") or {}
         topk = int(handler_config["topk"]) if handler_config.get("topk") else None
-        max_pixels = int(handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS)
+        budget = decode_budget(handler_config)
         workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
-        threads = int(handler_config.get("threads") or max(1, (os.cpu_count() or 1) // workers))
+        # The CPUs this worker may use (affinity, container quota), shared by the workers.
+        threads = (cap_threads(handler_config.get("threads"), "model-config.yaml handler.threads")
+                   or max(1, default_threads() // workers))  # the archive's ask, host-capped
+        self.max_body_bytes = int(handler_config.get("max_body_bytes") or MAX_BODY_BYTES)
 
         serialized = context.manifest["model"]["serializedFile"]
         if serialized.endswith(".onnx"):
             # ORT's own default (spinning threads) is what this handler has always run with.
             session = ort_session(artifacts.model_bytes("onnx"), threads, spinning=True)
-            self.predictor = Predictor(artifacts, session, max_pixels, topk)
+            self.predictor = Predictor(artifacts, session, default_topk=topk, budget=budget)
         else:
             infer = torchscript_infer(artifacts.model_bytes("torchscript"), threads)
-            self.predictor = Predictor(artifacts, None, max_pixels, topk, infer=infer,
-                                       fmt="torchscript")
+            self.predictor = Predictor(artifacts, None, default_topk=topk, infer=infer,
+                                       fmt="torchscript", budget=budget)
         log.info("loaded %s (%d classes, crop %d, %d threads for %d workers)", serialized,
                  len(artifacts.labels), artifacts.spec.crop_size, threads, workers)
         self.feedback = feedback_store(handler_config)
@@ -90,6 +106,9 @@ class FoodHandler:
         k comes from ``topk`` (a header), else a ``topk`` request field, else the default.
         """
         body = request_image(request)
+        if len(body) > self.max_body_bytes:  # under the frontend's max_request_size: a 413
+            raise BodyTooLarge(f"request body is {len(body)} bytes, over the limit of "
+                               f"{self.max_body_bytes}")
         k = self.predictor.parse_topk(request.get("topk") if topk is None else topk)
         return self.predictor.decode(body), k
 
@@ -100,22 +119,32 @@ class FoodHandler:
         for idx, request in enumerate(data):
             try:
                 array, k = self.preprocess_one(request or {}, _topk_header(context, idx))
-            except InputError as e:
-                log.info("request %d rejected: %s %s", idx, e.status, e.message)
-                context.set_response_status(e.status, http.HTTPStatus(e.status).phrase, idx)
-                answers[idx] = json.dumps(e.to_dict())
-                _set_json(context, idx)
+            except Exception as e:  # noqa: BLE001 - whatever one image raises is its answer
+                answers[idx] = _refuse(context, idx, e)
                 continue
             good.append(idx)
             arrays.append(array)
             ks.append(k)
-        if good:
+        if not good:
+            return answers
+        try:
             logits = self.predictor.infer(np.stack(arrays))
-            for idx, row, k in zip(good, logits, ks):
+        except Exception as e:  # noqa: BLE001 - each request of the batch gets the 500
+            for idx in good:
+                answers[idx] = _refuse(context, idx, e)
+            return answers
+        for idx, row, k in zip(good, logits, ks):
+            try:
                 answer = self.predictor.encode(row, k)
-                answers[idx] = to_json(answer)
-                _set_json(context, idx)
+            except Exception as e:  # noqa: BLE001 - that request's own 500
+                answers[idx] = _refuse(context, idx, e)
+                continue
+            answers[idx] = to_json(answer)
+            _set_json(context, idx)
+            try:
                 self.log_prediction(context, idx, answer, data[idx])
+            except Exception:  # the answer stands; the log is not the client's problem
+                log.exception("request %d: could not log the prediction", idx)
         return answers
 
     def log_prediction(self, context, idx: int, answer: list, request: dict) -> None:
@@ -177,6 +206,34 @@ def request_image(request: dict) -> bytes:
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogateescape")
     return bytes(body)
+
+
+def decode_budget(handler_config: dict) -> DecodeBudget:
+    """The decode budget from the model config's ``handler:`` section (``max_pixels``,
+    ``max_jpeg_scans``, ``decode_timeout_s``; 0 for no time limit), else the defaults."""
+    timeout = handler_config.get("decode_timeout_s")
+    return DecodeBudget(
+        max_pixels=int(handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS),
+        max_jpeg_scans=int(handler_config.get("max_jpeg_scans") or DEFAULT_MAX_JPEG_SCANS),
+        timeout_s=DEFAULT_DECODE_TIMEOUT_S if timeout is None else float(timeout) or None)
+
+
+def _refuse(context, idx: int, error: Exception) -> str:
+    """Answer request ``idx`` alone with ``error``'s status and JSON body: a client error as
+    it is, anything else as a 500 (logged with its traceback)."""
+    if isinstance(error, ServingError) and error.status < 500:
+        log.info("request %d rejected: %s %s", idx, error.status, error.message)
+    else:
+        log.error("request %d failed", idx, exc_info=error)
+        if not isinstance(error, ServingError):
+            error = InternalError(f"internal error: {type(error).__name__}")
+    try:
+        phrase = http.HTTPStatus(error.status).phrase
+    except ValueError:
+        phrase = error.type
+    context.set_response_status(error.status, phrase, idx)
+    _set_json(context, idx)
+    return json.dumps(error.to_dict())
 
 
 def _topk_header(context, idx: int) -> str | None:

@@ -66,7 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"])
     _add_feedback_args(p)
     _add_management_args(p)
+    _add_limit_args(p)
+    p.add_argument("--drain-s", type=float, default=_default("drain_s"),
+                   help=f"on SIGTERM, seconds in-flight requests get to finish; the process "
+                        f"exits a few seconds later at most, inside Kubernetes' default 30 s "
+                        f"grace period {DEFAULTS_HELP}")
+    from serving.http.security import add_arguments
+
+    add_arguments(p)
     return p
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    """The budgets that bound what one request or connection may cost (README: limits)."""
+    from serving.preprocess import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_JPEG_SCANS
+
+    g = p.add_argument_group(
+        "limits on untrusted input",
+        "Each image is decoded under a budget checked on its header before any pixel exists "
+        "(with --max-pixels); each connection must deliver its request in time.")
+    g.add_argument("--max-jpeg-scans", type=int, default=DEFAULT_MAX_JPEG_SCANS,
+                   help=f"most scans in a progressive JPEG, 413 beyond {DEFAULTS_HELP}")
+    g.add_argument("--decode-timeout-s", type=float, default=DEFAULT_DECODE_TIMEOUT_S,
+                   help=f"longest decode of one image, 413 beyond; 0: no limit "
+                        f"{DEFAULTS_HELP}")
+    g.add_argument("--header-timeout-s", type=float, default=_default("header_timeout_s"),
+                   help=f"a connection's request line and headers must arrive within this "
+                        f"many seconds, else it is closed {DEFAULTS_HELP}")
+    g.add_argument("--body-timeout-s", type=float, default=_default("body_timeout_s"),
+                   help=f"a request's body must arrive within this many seconds of its "
+                        f"headers, else the connection is closed {DEFAULTS_HELP}")
+    g.add_argument("--max-connections", type=int, default=_default("max_connections"),
+                   help=f"open connections (and requests in progress) before new requests get "
+                        f"503 {DEFAULTS_HELP}")
 
 
 def _duration(text: str) -> float:
@@ -136,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     from serving.follow import Followed, FollowSettings, alias_target, registry_version
     from serving.http.app import create_app
     from serving.http.config import ServerConfig
+    from serving.http.protocol import http_protocol
+    from serving.http.security import settings_from_args
     from serving.predictor import Predictor
+    from serving.preprocess import DecodeBudget
 
+    try:
+        budget = DecodeBudget(args.max_pixels, args.max_jpeg_scans, args.decode_timeout_s or None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     predictors, followed, model_dirs = [], [], []
     for spec in args.model:
         name, sep, path = spec.partition("=")
@@ -152,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = target.version_uri(pinned)
             predictors.append(Predictor.load(path, intra_op_threads=args.threads,
                                              allow_spinning=args.spinning,
-                                             max_pixels=args.max_pixels, name=name or None))
+                                             budget=budget, name=name or None))
         except (FileNotFoundError, ValueError, ImportError) as e:
             print(f"error: --model {spec}: {e}", file=sys.stderr)
             return 2
@@ -189,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
             request_timeout_s=args.timeout_s, preprocess_threads=args.preprocess_threads,
+            header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+            max_connections=args.max_connections,
             feedback=feedback, management=management,
-            follow=FollowSettings(args.follow, tuple(followed)) if followed else None)
+            follow=FollowSettings(args.follow, tuple(followed)) if followed else None,
+            security=settings_from_args(args), drain_s=args.drain_s)
         app = create_app(predictors, config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -200,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
               f"http://{config.host}:{config.port}/predictions/{p.name}", file=sys.stderr)
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then runs the app's shutdown,
     # which lets the batchers drain.
+    # uvicorn bounds nothing while a request arrives: the protocol class adds header and
+    # body deadlines; limit_concurrency answers 503 past --max-connections.
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
-                access_log=False, timeout_graceful_shutdown=int(config.request_timeout_s) + 5)
+                access_log=False, timeout_graceful_shutdown=max(1, round(config.drain_s)),
+                http=http_protocol(config.header_timeout_s, config.body_timeout_s),
+                limit_concurrency=config.max_connections)
     return 0
 
 

@@ -228,7 +228,9 @@ def torchserve_config(path: Path, model_store: Path, ports: Mapping[str, int],
         "disable_token_authorization": "true",
         "enable_model_api": "false",
         "install_py_dep_per_model": "false",
-        "max_request_size": str(20 * 1024 * 1024),
+        # as serve_config/config.properties: twice the handler's 20 MB body limit, so a body
+        # over that limit arrives whole and gets the handler's 413 JSON
+        "max_request_size": str(40 * 1024 * 1024),
         "max_response_size": str(20 * 1024 * 1024),
         **(config or {}),
     }

@@ -1,15 +1,22 @@
 """Prometheus metrics of the ONNX Runtime server, in a registry of their own.
 
 Each server instance gets its own ``CollectorRegistry`` so several can live in one process
-(tests); ``start_metrics_server`` exposes it on its own port, as TorchServe does on 8082.
+(tests); ``start_metrics_server`` exposes it on its own port, as TorchServe does on 8082,
+from the server's event loop with the same read deadlines as the inference port and a
+connection limit (prometheus-client's own server starts a thread per connection and never
+times one out).
 """
 
 from __future__ import annotations
 
-import threading
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+
+if TYPE_CHECKING:
+    from serving.http.protocol import SideServer
+
+MAX_METRICS_CONNECTIONS = 16
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)
@@ -45,7 +52,14 @@ class ServerMetrics:
             "answered", registry=self.registry)
 
 
-def start_metrics_server(metrics: ServerMetrics, host: str,
-                         port: int) -> tuple[WSGIServer, threading.Thread]:
-    """Serve ``GET /metrics`` (Prometheus text) on ``host:port`` in a daemon thread."""
-    return start_http_server(port, addr=host, registry=metrics.registry)
+async def start_metrics_server(metrics: ServerMetrics, host: str, port: int, *,
+                               header_timeout_s: float, body_timeout_s: float) -> SideServer:
+    """Serve ``GET /metrics`` (Prometheus text) on ``host:port`` from the running event loop,
+    with the inference port's read deadlines and at most ``MAX_METRICS_CONNECTIONS``
+    connections; ``.port`` is the port, ``await .stop()`` closes it."""
+    from serving.http.protocol import start_side_server
+
+    return await start_side_server(make_asgi_app(metrics.registry), host, port,
+                                   header_timeout_s=header_timeout_s,
+                                   body_timeout_s=body_timeout_s,
+                                   max_connections=MAX_METRICS_CONNECTIONS)

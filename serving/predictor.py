@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from PIL import Image
 
 from serving.artifacts import ModelArtifacts, read_model
 from serving.errors import InputError
-from serving.preprocess import DEFAULT_MAX_PIXELS, preprocess, preprocess_bytes
+from serving.preprocess import DEFAULT_MAX_PIXELS, DecodeBudget, preprocess, preprocess_bytes
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -60,11 +61,33 @@ def to_json(predictions: Sequence[Prediction]) -> str:
 
 
 def default_threads() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity where the OS tells)."""
+    """CPUs this process may run on: its affinity (taskset, cpusets), capped by a cgroup CPU
+    quota (a container's CPU limit) where one is set."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time the cgroup allows (cgroup v2 ``cpu.max``, else v1 CFS quota), or
+    None when unlimited or not Linux."""
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+                                     "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+            quota, period = fields[0], fields[1]
+            if quota in ("max", "-1"):
+                return None
+            return int(quota) / int(period)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 def session_options(intra_op_threads: int | None = None,
@@ -139,7 +162,8 @@ class Predictor:
                  max_pixels: int = DEFAULT_MAX_PIXELS, default_topk: int | None = None,
                  name: str | None = None, *,
                  infer: Callable[[np.ndarray], np.ndarray] | None = None,
-                 fmt: str = "onnx", feedback: FeedbackStore | None = None) -> None:
+                 fmt: str = "onnx", feedback: FeedbackStore | None = None,
+                 budget: DecodeBudget | None = None) -> None:
         """``infer`` runs on the ONNX Runtime ``session``, or is the given function instead
         (the TorchServe handler passes TorchScript's, ``fmt="torchscript"``). Either way the
         model's input and output are checked against the model config before it serves.
@@ -153,7 +177,8 @@ class Predictor:
         self.labels = artifacts.labels
         self.spec = artifacts.spec
         self.default_topk = default_topk or artifacts.default_topk
-        self.max_pixels = max_pixels
+        self.budget = budget or DecodeBudget(max_pixels)  # what decoding one image may cost
+        self.max_pixels = self.budget.max_pixels
         self.session = session
         if session is not None:
             model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
@@ -176,23 +201,26 @@ class Predictor:
     @classmethod
     def load(cls, source: str | os.PathLike, *, intra_op_threads: int | None = None,
              allow_spinning: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-             name: str | None = None, feedback: FeedbackStore | None = None) -> Predictor:
+             name: str | None = None, feedback: FeedbackStore | None = None,
+             budget: DecodeBudget | None = None) -> Predictor:
         """A version directory, a ``.mar`` file, or an MLflow URI (``models:/name@alias``),
         run by ONNX Runtime (threads: ``intra_op_threads``, else model_config.json's
-        ``intra_op_threads``, else the CPU count). ``max_pixels`` is the decode budget;
-        ``feedback`` a store to log predictions in."""
+        ``intra_op_threads``, else the CPU count). ``budget`` bounds each image's decode
+        (default: ``max_pixels`` and the default limits); ``feedback`` a store to log
+        predictions in."""
         artifacts = read_model(source)
         log.info("loading %s (%s v%s)", artifacts.source, artifacts.name, artifacts.version)
         threads = intra_op_threads or artifacts.config.get("intra_op_threads")
         session = ort_session(artifacts.model_bytes("onnx"), threads, allow_spinning)
-        return cls(artifacts, session, max_pixels=max_pixels, name=name, feedback=feedback)
+        return cls(artifacts, session, max_pixels=max_pixels, name=name, feedback=feedback,
+                   budget=budget)
 
     def decode(self, image: ImageInput) -> np.ndarray:
         """Bytes, a path or a PIL image as the model's CHW float32 input (InputError if bad)."""
         if isinstance(image, Image.Image):
             return preprocess(image, self.spec)
         data = bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
-        return preprocess_bytes(data, self.spec, self.max_pixels)
+        return preprocess_bytes(data, self.spec, budget=self.budget)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Run an (N, 3, H, W) float32 batch through the model: (N, C) float32 logits."""

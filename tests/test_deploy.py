@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import yaml
 from conftest import jpeg_bytes, make_onnx_version
-from tritonclient.utils import InferenceServerException
 
 from serving.launch import free_port, spawn, stop_process, wait_ready
 
@@ -640,9 +639,6 @@ def config_labels(model_root: Path) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, raises=InferenceServerException,
-                   reason="our v2 server answers only 'probabilities' and 'label', not the "
-                          "ONNX graph's output ('logits')")
 def test_a_triton_client_asking_for_the_graph_output_gets_it_from_our_server(triton_repo,
                                                                              image_server):
     import tritonclient.http as httpclient

@@ -290,18 +290,21 @@ def test_full_queue_gets_503_and_slow_request_times_out(versions, tmp_path):
     with run_server([str(versions[0])], tmp_path / "server.log",
                     "--max-queue", "1", "--timeout-s", "2") as server:
         image = jpeg_bytes()
+        # one queue slot per image, taken once the body is in: two images > max_queue=1
+        two = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                           "data": [base64.b64encode(image).decode()] * 2}]}
+        full = requests.post(f"{server.url}/v2/models/food/infer", json=two, timeout=10)
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        assert full.json()["type"] == "ServiceUnavailableException"
         slow = send_partial(server.port, "/predictions/food", image, 10)
         try:
             wait_in_flight(server, 1)
-            full = requests.post(f"{server.url}/predictions/food", data=image, timeout=10)
-            assert full.status_code == 503 and full.headers["retry-after"] == "1"
-            assert full.json()["type"] == "ServiceUnavailableException"
-            status, body = read_response(slow)  # the server gives up on the slow client
-            assert status == 504 and json.loads(body)["type"] == "RequestTimeout"
+            ok = requests.post(f"{server.url}/predictions/food", data=image, timeout=10)
+            assert ok.status_code == 200  # a slow upload holds no slot
+            status, body = read_response(slow)  # its body never came: 408 at the timeout
+            assert status == 408 and json.loads(body)["type"] == "RequestTimeout"
         finally:
             slow.close()
-        ok = requests.post(f"{server.url}/predictions/food", data=image, timeout=10)
-        assert ok.status_code == 200
 
 
 def test_sigterm_finishes_in_flight_requests(versions, predictors, tmp_path):

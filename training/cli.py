@@ -113,6 +113,12 @@ def _retrain(args: argparse.Namespace, overrides: list[str]) -> int:
     return retrain_cli(args, overrides)
 
 
+def _lifecycle_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.lifecycle_demo import demo_cli
+
+    return demo_cli(args, overrides)
+
+
 def _config_help() -> str:
     lines = ["config keys (YAML) = overrides (--key value), with their defaults:"]
     for f in fields(TrainConfig):
@@ -237,7 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TorchServe's model_store directory, for --deploy-torchserve")
     p.add_argument("--inference", default=None, metavar="URL",
                    help="TorchServe's inference API, for the warm-up request")
+    p.add_argument("--export", action="store_true",
+                   help="export the new version (model.onnx, model.ts) into its registry "
+                        "version: what an ONNX server following the alias loads")
     p.set_defaults(func=_retrain, takes_overrides=True)
+
+    p = sub.add_parser("lifecycle-demo", help="serve the champion, collect confirmed labels, "
+                                              "retrain, promote if better, switch under load",
+                       description="The learning loop end to end on the sample data, in "
+                                   "--workdir. Config keys can be overridden as for train "
+                                   "(both versions).")
+    p.add_argument("--workdir", default="lifecycle",
+                   help="MLflow store (unless MLFLOW_TRACKING_URI is set), artifacts, feedback "
+                        "database, stored photos, server log")
+    p.add_argument("--config", default="configs/sample.yaml", help="YAML config file")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models and data (what the test runs): a few minutes at most")
+    p.add_argument("--photos", type=int, default=None,
+                   help="photos the app confirms before the retrain (default 200; quick 40)")
+    p.add_argument("--photos-after", type=int, default=None,
+                   help="photos confirmed after the switch (default 100; quick 20)")
+    p.add_argument("--min-new-labels", type=int, default=None,
+                   help="retrain --if-needed threshold (default 100; quick 20)")
+    p.set_defaults(func=_lifecycle_demo, takes_overrides=True)
     return parser
 
 

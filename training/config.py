@@ -83,6 +83,9 @@ class TrainConfig:
     feedback: str | None = None  # feedback store URL (sqlite:///feedback.db): train on it too
     feedback_eval_fraction: float = 0.2  # confirmed photos kept aside for evaluation (seeded)
     feedback_new_classes: bool = False  # a confirmed label outside the classes becomes one
+    # most confirmed photos one source (client address) contributes, its newest kept: one
+    # client cannot outweigh the rest of the feedback (None: no cap)
+    feedback_max_per_source: int | None = None
     promote_min_gain: float = 0.0  # champion moves when the gain on the same set exceeds it
 
     @property
@@ -211,6 +214,9 @@ def validate(config: TrainConfig, check_data: bool = True) -> None:
         raise ConfigError(f"dataset={c.dataset!r}; allowed: {', '.join(DATASETS)}")
     if not 0 <= c.feedback_eval_fraction < 1:
         raise ConfigError(f"feedback_eval_fraction={c.feedback_eval_fraction} must be in [0, 1)")
+    if c.feedback_max_per_source is not None and c.feedback_max_per_source < 1:
+        raise ConfigError(f"feedback_max_per_source={c.feedback_max_per_source} must be >= 1 "
+                          f"(or null for no cap)")
     if not -1 < c.promote_min_gain < 1:
         raise ConfigError(f"promote_min_gain={c.promote_min_gain} must be in (-1, 1): an "
                           f"accuracy difference")

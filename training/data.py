@@ -167,7 +167,8 @@ def load_splits(config: TrainConfig) -> DataSplits:
     if config.feedback:  # the app's confirmed photos: most to train on, a seeded slice apart
         feedback = load_feedback(config.feedback, config.name, classes, seed=config.seed,
                                  eval_fraction=config.feedback_eval_fraction,
-                                 allow_new_classes=config.feedback_new_classes)
+                                 allow_new_classes=config.feedback_new_classes,
+                                 max_per_source=config.feedback_max_per_source)
         classes, train, feedback_eval = feedback.classes, train + feedback.train, feedback.eval
         source["feedback"] = feedback.source
     for path in skipped:

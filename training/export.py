@@ -5,11 +5,11 @@ eager PyTorch on real images; optionally add a static int8 ONNX model.
 ``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into the version directory as ONE
 unit: all of them are written and checked in a staging directory, which is published as
 ``.export-<n>/`` (with ``export.json``: what was written, its sha256 and parity) and made
-current by swapping one symlink, ``export -> .export-<n>``. ``model.onnx`` and friends in the
-version directory are links through ``export/``, so a reader never sees a model.ts of one
-export beside a model.onnx of another, whenever a run is killed. ``serving.artifacts``
-resolves ``export`` once per load. The previous export is kept for readers still loading it;
-older ones, and a killed export's leftovers, are removed by the next export.
+current by swapping one symlink, ``export -> .export-<n>`` (``training.version.write_export``).
+``model.onnx`` and friends in the version directory are links through ``export/``, so a reader
+never sees a model.ts of one export beside a model.onnx of another, whenever a run is killed;
+``serving.artifacts`` resolves ``export`` once per load. The previous export is kept for
+readers still loading it; older ones, and a killed export's leftovers, go at the next export.
 
 ONNX uses torch's dynamo exporter (the default since torch 2.9; the TorchScript-based one is
 deprecated) with ``external_data=False`` so the weights stay inside the one ``.onnx`` file
@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,14 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from serving.artifacts import EXPORT_LINK, MODEL_FILES
-from serving.atomic import atomic_write, point_symlink, publish_dir, staging_dir, write_json
+from serving.atomic import atomic_write, write_json
 from serving.predictor import ort_session
 from serving.preprocess import InputError, PreprocessSpec, preprocess_bytes
-from training.crashpoints import crash_point
-from training.locks import exclusive
 from training.models import load_eager
-from training.version import ModelVersion, load_version
+from training.version import EXPORT_MANIFEST, ModelVersion, load_version, write_export
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +44,6 @@ PARITY_BATCH_SIZES = (1, 8)
 MAX_PARITY_IMAGES = 32
 MAX_CALIBRATION_IMAGES = 128
 MAX_INT8_EVAL_IMAGES = 2000
-EXPORT_PREFIX = ".export-"  # published export directories inside a version directory
-MANIFEST = "export.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -301,7 +293,7 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
             report.quantization = quantize_int8(stage / "model.onnx", stage / "model.int8.onnx",
                                                 calibration, load_images(val_paths, spec),
                                                 truth, min_agreement)
-        write_json(stage / MANIFEST, manifest(stage, report))
+        write_json(stage / EXPORT_MANIFEST, manifest(stage, report))
 
     write_export(version_dir, fill)
     report.files = [version_dir / name for name in ("model.ts", "model.onnx", "model.int8.onnx")
@@ -325,53 +317,10 @@ def _sha256(path: Path) -> str:
 def manifest(stage: Path, report: ExportReport) -> dict:
     """``export.json``: the files of this export with their sizes and sha256, and its checks."""
     files = {name: {"bytes": (stage / name).stat().st_size, "sha256": _sha256(stage / name)}
-             for name in MODEL_FILES.values() if (stage / name).is_file()}
+             for name in ("model.ts", "model.onnx", "model.int8.onnx")
+             if (stage / name).is_file()}
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
             "parity": [vars(r) for r in report.parity], "quantization": report.quantization}
-
-
-def write_export(version_dir: Path, fill: Callable[[Path], None]) -> Path:
-    """Publish the files ``fill(stage)`` writes into a staging directory as the version's
-    export, all at once; returns the published directory. Nothing is published if ``fill``
-    raises. One export of a version runs at a time; a killed one's leftovers go here."""
-    with exclusive(version_dir, "another export of this version"), staging_dir(version_dir, "export") as stage:
-        fill(stage)
-        crash_point("export_staged")
-        return _publish(version_dir, stage)
-
-
-def _publish(version_dir: Path, stage: Path) -> Path:
-    """Make a filled staging directory the version's current export in one step.
-
-    The directory is published as ``.export-<n>`` (fsynced, renamed); ``model.onnx`` etc. in
-    the version directory are made links through ``export/`` (dangling until the switch when
-    new); then the one switch: ``export`` is pointed at the new directory. Links to files the
-    new export lacks, and exports older than the previous one, are removed afterwards. A kill
-    at any point leaves either the old or the new export current, never a mix.
-    """
-    name = f"{EXPORT_PREFIX}{time.time_ns()}"
-    publish_dir(stage, version_dir / name)
-    crash_point("export_published")
-    current = version_dir / EXPORT_LINK
-    previous = os.readlink(current) if current.is_symlink() else None
-    if current.exists() and not current.is_symlink():
-        raise ExportError(f"{current} is not a link to an export directory; move it away")
-    exported = {p.name for p in (version_dir / name).iterdir()}
-    for file in MODEL_FILES.values():
-        link = version_dir / file
-        target = f"{EXPORT_LINK}/{file}"
-        if file in exported and not (link.is_symlink() and os.readlink(link) == target):
-            point_symlink(link, target)  # a file of an older layout is replaced here
-    point_symlink(current, name)  # the switch: every model file changes at once
-    crash_point("export_switched")
-    for file in MODEL_FILES.values():
-        link = version_dir / file
-        if file not in exported and (link.is_symlink() or link.is_file()):
-            link.unlink()  # from an older export (an int8 model of other weights)
-    for old in version_dir.glob(f"{EXPORT_PREFIX}*"):
-        if old.name not in (name, previous):
-            shutil.rmtree(old, ignore_errors=True)
-    return version_dir / name
 
 
 def export_cli(args) -> int:

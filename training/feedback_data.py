@@ -48,11 +48,40 @@ def redact_url(url: str) -> str:
         return url.split(":", 1)[0] + ":..."
 
 
+def source_key(source: str | None) -> str:
+    """Who a confirmation came from, for the per-source cap: the client address the server
+    recorded (``app@address`` or ``address``), else the source as given."""
+    return (source or "unknown").rsplit("@", 1)[-1]
+
+
+def cap_per_source(usable: list, max_per_source: int | None) -> tuple[list, int]:
+    """Keep at most ``max_per_source`` of each source's samples (its newest: ``usable`` is
+    oldest first); returns the kept ones, in order, and how many were dropped."""
+    if max_per_source is None:
+        return usable, 0
+    seen: dict[str, int] = {}
+    kept = []
+    for item in reversed(usable):
+        key = source_key(item[0].source)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= max_per_source:
+            kept.append(item)
+    kept.reverse()
+    dropped = len(usable) - len(kept)
+    if dropped:
+        heavy = sorted((k for k, n in seen.items() if n > max_per_source))
+        log.warning("feedback: %d confirmed photo(s) over feedback_max_per_source=%d dropped "
+                    "(from %s)", dropped, max_per_source, ", ".join(heavy[:5]))
+    return kept, dropped
+
+
 def load_feedback(url: str, model: str, classes: list[str], *, seed: int,
-                  eval_fraction: float, allow_new_classes: bool = False) -> FeedbackSamples:
+                  eval_fraction: float, allow_new_classes: bool = False,
+                  max_per_source: int | None = None) -> FeedbackSamples:
     """Confirmed samples of ``model`` from the store at ``url`` -> train and eval samples.
 
     Labels outside ``classes`` are skipped unless ``allow_new_classes``, which appends them.
+    ``max_per_source`` caps what one source contributes (:func:`cap_per_source`).
     """
     from serving.feedback import FeedbackStore
 
@@ -78,6 +107,7 @@ def load_feedback(url: str, model: str, classes: list[str], *, seed: int,
             skipped["unknown_class"] += 1
             continue
         usable.append((sample, str(path.resolve())))
+    usable, skipped["over_source_cap"] = cap_per_source(usable, max_per_source)
     new = sorted({s.label for s, _ in usable} - known)
     classes += new
     idx = {c: i for i, c in enumerate(classes)}

@@ -9,7 +9,12 @@ does not retrain on the same labels every hour). Otherwise it exits 0 and says w
 
 A retrain runs the usual recipe with the feedback store added (train -> evaluate -> register
 -> promote on the same evaluation set) and, when the candidate became champion and
-``--deploy-torchserve`` is given, switches TorchServe to it. Every invocation is an MLflow
+``--deploy-torchserve`` is given, switches TorchServe to it. ``--export`` exports the new
+version (``model.onnx``, ``model.ts``) into its registry version, which is what an ONNX server
+following the alias (``--model models:/<name>@champion --follow 30s``) loads: the alias moves
+when training registers the version, so a follower that looks before the export is done
+finds no ``model.onnx`` yet, keeps serving the old version and loads the new one at a later
+tick. Every invocation is an MLflow
 run named ``retrain`` in the training experiment: its decision, reason and outcome are tags,
 its thresholds params, so the history is in the MLflow UI next to the training runs.
 """
@@ -53,6 +58,7 @@ class RetrainOutcome:
     candidate: int | None = None
     promoted: bool = False
     promotion_reason: str | None = None
+    exported: bool = False
     deployed: bool = False
     details: dict = field(default_factory=dict)
 
@@ -115,9 +121,9 @@ def check(config: TrainConfig, min_new_labels: int, max_age_days: float, client=
 
 def retrain(config: TrainConfig, *, if_needed: bool, min_new_labels: int, max_age_days: float,
             deploy_torchserve: str | None = None, deploy_options: dict | None = None,
-            client=None) -> RetrainOutcome:
-    """Check, then train -> evaluate -> promote (inside training) -> optionally deploy; the
-    whole invocation is recorded as a ``retrain`` MLflow run."""
+            export: bool = False, client=None) -> RetrainOutcome:
+    """Check, then train -> evaluate -> promote (inside training) -> optionally export and
+    deploy; the whole invocation is recorded as a ``retrain`` MLflow run."""
     from training.feedback_data import redact_url
 
     if client is None:
@@ -137,7 +143,7 @@ def retrain(config: TrainConfig, *, if_needed: bool, min_new_labels: int, max_ag
     params = {"if_needed": if_needed, "min_new_labels": min_new_labels,
               "max_age_days": max_age_days, "registered_model": config.registered_model,
               "feedback": redact_url(config.feedback) if config.feedback else None,
-              "deploy_torchserve": deploy_torchserve}
+              "deploy_torchserve": deploy_torchserve, "export": export}
     for key, value in params.items():
         client.log_param(run_id, key, str(value))
     for key, value in (("new_labels", decision.new_labels),
@@ -149,6 +155,12 @@ def retrain(config: TrainConfig, *, if_needed: bool, min_new_labels: int, max_ag
         return outcome
     try:
         _train_and_promote(config, client, outcome)
+        if export:
+            from training.export import export_version
+
+            export_version(outcome.version_dir)  # logged into the version's MLflow run
+            outcome.exported = True
+            client.set_tag(run_id, "exported", "true")
         if outcome.promoted and deploy_torchserve:
             from training.deploy import deploy_torchserve as deploy
 
@@ -216,13 +228,14 @@ def retrain_cli(args, overrides: list[str]) -> int:
     options = {"model_store": args.model_store, "inference_url": args.inference}
     outcome = retrain(config, if_needed=args.if_needed, min_new_labels=args.min_new_labels,
                       max_age_days=args.max_age_days, deploy_torchserve=args.deploy_torchserve,
-                      deploy_options=options)
+                      deploy_options=options, export=args.export)
     if not outcome.check.needed:
         print(f"no retrain: {outcome.check.reason}")
         return 0
     summary = {"reason": outcome.check.reason, "version_dir": str(outcome.version_dir),
                "candidate": outcome.candidate, "promoted": outcome.promoted,
-               "promotion": outcome.promotion_reason, "deployed": outcome.deployed,
+               "promotion": outcome.promotion_reason, "exported": outcome.exported,
+               "deployed": outcome.deployed,
                "retrain_run": outcome.run_id}
     print(json.dumps(summary, indent=2))
     return 0

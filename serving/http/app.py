@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import InputError, ServingError
 from serving.follow import start_followers
-from serving.http import feedback_api, kserve_v2, torchserve_api
+from serving.http import feedback_api, kserve_v2, security, torchserve_api
 from serving.http.config import ServerConfig
 from serving.http.dataplane import DataPlane
 from serving.http.management_api import start_management_server
+from serving.http.protocol import WatchClient
 from serving.metrics import start_metrics_server
 from serving.predictor import Predictor
 
@@ -53,7 +54,10 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
 
 
 async def _validation_error(request: Request, e: RequestValidationError) -> Response:
-    return error_response(request, InputError(f"invalid request: {e.errors()}", 400,
+    # Each problem's place and message, never its input: that may be the whole body.
+    problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())) or 'body'}: "
+                         f"{str(err.get('msg', ''))[:200]}" for err in e.errors()[:5])
+    return error_response(request, InputError(f"invalid request: {problems}", 400,
                                               "BadRequestException"))
 
 
@@ -73,13 +77,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     dataplane.start()
     metrics_server = None
     if config.metrics_port is not None:
-        metrics_server, _ = start_metrics_server(dataplane.metrics, config.host,
-                                                 config.metrics_port)
-        app.state.metrics_port = metrics_server.server_port
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics_server.server_port)
+        metrics_server = await start_metrics_server(
+            dataplane.metrics, config.host, config.metrics_port,
+            header_timeout_s=config.header_timeout_s, body_timeout_s=config.body_timeout_s)
+        app.state.metrics_port = metrics_server.port
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics_server.port)
     management = None
     if config.management is not None:
-        management = await start_management_server(dataplane, config.management)
+        management = await start_management_server(
+            dataplane, config.management, header_timeout_s=config.header_timeout_s,
+            body_timeout_s=config.body_timeout_s)
         app.state.management_port = management.port
     followers = start_followers(dataplane, config.follow)
     try:
@@ -91,16 +98,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await management.stop()
         await dataplane.stop()
         if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+            await metrics_server.stop()
 
 
 def create_app(predictors: list[Predictor], config: ServerConfig | None = None) -> FastAPI:
     """A FastAPI app serving ``predictors``; ValueError if the model list is unusable."""
     app = FastAPI(title="food classifier (ONNX Runtime)", lifespan=lifespan)
-    app.state.dataplane = DataPlane(predictors, config or ServerConfig())
+    config = config or ServerConfig()
+    app.state.dataplane = DataPlane(predictors, config)
     add_error_handlers(app)
+    app.add_middleware(WatchClient)  # client gone: its work is dropped, logged as 499
     app.include_router(torchserve_api.router)
     app.include_router(kserve_v2.router)
     app.include_router(feedback_api.router)
+    security.install(app, config.security, config.host)  # outermost: refusals cost nothing
     return app

@@ -47,24 +47,38 @@ class Batcher:
         self.labels = (predictor.name, predictor.version)
         self.metrics = metrics
         self.items: deque[_Item] = deque()
-        self.admitted = 0
+        self.admitted = 0  # images: being preprocessed, queued or running
+        self.requests = 0  # requests routed here and not yet answered
         self.preparing = 0
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{predictor.name}")
         self.task: asyncio.Task | None = None
 
     @contextlib.contextmanager
-    def admission(self) -> Iterator[None]:
-        """Count a request against ``max_queue`` for as long as it is being served."""
-        if self.admitted >= self.config.max_queue:
-            raise Overloaded(f"model {self.predictor.name} v{self.predictor.version} has "
-                             f"{self.admitted} requests queued (max_queue="
-                             f"{self.config.max_queue}); retry later")
-        self.admitted += 1
+    def routed(self) -> Iterator[None]:
+        """Count a request routed to this version until it is answered (``stop`` waits)."""
+        self.requests += 1
         try:
             yield
         finally:
-            self.admitted -= 1
+            self.requests -= 1
+
+    @contextlib.contextmanager
+    def admission(self, images: int = 1) -> Iterator[None]:
+        """Count a request's ``images`` against ``max_queue`` while they are served.
+
+        Callers ask only once the request's body has arrived, so a slow upload holds no
+        slot; a request of several images takes one slot per image.
+        """
+        if self.admitted + images > self.config.max_queue:
+            raise Overloaded(f"model {self.predictor.name} v{self.predictor.version} has "
+                             f"{self.admitted} images queued (max_queue="
+                             f"{self.config.max_queue}); retry later")
+        self.admitted += images
+        try:
+            yield
+        finally:
+            self.admitted -= images
 
     @contextlib.contextmanager
     def preparing_one(self) -> Iterator[None]:
@@ -137,7 +151,7 @@ class Batcher:
     async def stop(self, timeout: float) -> None:
         """Let admitted requests finish (up to ``timeout`` seconds), then stop the loop."""
         deadline = time.monotonic() + timeout
-        while self.admitted and time.monotonic() < deadline:
+        while (self.requests or self.admitted) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.task is not None:
             self.task.cancel()

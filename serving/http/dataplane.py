@@ -2,10 +2,13 @@
 
 ``ModelTable`` holds one :class:`ModelEntry` per model version (its Predictor and its
 Batcher) and each name's default version; entries are added one at a time, so versions can
-come and go while serving. ``DataPlane.serve`` wraps one request's work in admission,
+come and go while serving. ``DataPlane.serve`` wraps one request's work in the request
 timeout, metrics and the access log; ``predict`` and ``infer_images`` / ``infer_arrays`` run
-the Predictor's stages: decode in a thread pool, infer through the batcher, encode. The
-protocol routers parse and render HTTP around these calls and nothing else.
+the Predictor's stages under admission (one queue slot per image, taken once the body has
+arrived): decode in a thread pool under the decode budget, infer through the batcher,
+encode. When one image of a request fails, or its client goes away, the request's other
+images are cancelled. The protocol routers parse and render HTTP around these calls and
+nothing else.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,9 +26,16 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from starlette.responses import Response
 
-from serving.errors import InternalError, ModelNotFound, RequestTimeout, ServingError
+from serving.errors import (
+    InputError,
+    InternalError,
+    ModelNotFound,
+    RequestTimeout,
+    ServingError,
+)
 from serving.http.batcher import Batcher
 from serving.http.config import ServerConfig
+from serving.http.protocol import BodyTimeout, ClientDisconnected, client_state, forget_cancel
 from serving.metrics import ServerMetrics
 from serving.predictor import Prediction, Predictor
 
@@ -36,6 +46,13 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("serving.access")
 
 T = TypeVar("T")
+# A decode still running this long past its budget's time limit is abandoned (its thread
+# stops at its next read); the budget's own check normally answers first.
+DECODE_ABANDON_GRACE_S = 0.5
+# Shutdown, after uvicorn's drain (ServerConfig.drain_s): drain + these < 30 s, Kubernetes'
+# default grace period.
+STOP_BATCHERS_S = 3.0
+STOP_FEEDBACK_S = 4.0
 VERSION_HEADER = "X-Model-Version"  # on every answer of a model: the version that answered
 Logits = tuple[np.ndarray, int]  # one image's logits row and the size of its batch
 
@@ -161,7 +178,7 @@ class DataPlane:
         """Load and warm a version to add while serving, off the event loop.
 
         It runs with the settings of a version already served (``name``'s default if it
-        has one): intra-op threads, spinning and pixel budget. One dummy batch warms its
+        has one): intra-op threads, spinning and decode budget. One dummy batch warms its
         session, so its first request pays no start-up cost."""
         like = (self.models.get(name) if name in self.models.versions
                 else self.models.entries()[0]).predictor
@@ -170,7 +187,7 @@ class DataPlane:
 
         def load() -> Predictor:
             predictor = Predictor.load(source, intra_op_threads=like.threads,
-                                       allow_spinning=spinning, max_pixels=like.max_pixels,
+                                       allow_spinning=spinning, budget=like.budget,
                                        name=name)
             c = predictor.spec.crop_size
             predictor.infer(np.zeros((1, 3, c, c), np.float32))
@@ -195,14 +212,18 @@ class DataPlane:
         log.info("unloaded %s v%s", entry.predictor.name, entry.predictor.version)
         return entry
 
-    async def stop(self) -> None:
-        """Let admitted requests finish (up to the request timeout), then stop."""
+    async def stop(self, timeout: float = STOP_BATCHERS_S) -> None:
+        """Let admitted requests finish (``timeout`` s for all batchers together: uvicorn's
+        drain has already waited for the requests), then stop; the feedback store gets
+        STOP_FEEDBACK_S to write what is queued. Both fit the drain budget (``drain_s``)."""
+        deadline = time.monotonic() + timeout
         for entry in self.models.entries():
-            await entry.batcher.stop(self.config.request_timeout_s)
+            await entry.batcher.stop(max(0.0, deadline - time.monotonic()))
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
         if self.feedback is not None:  # writes what is still queued
-            await asyncio.get_running_loop().run_in_executor(None, self.feedback.close)
+            await asyncio.get_running_loop().run_in_executor(None, self.feedback.close,
+                                                             STOP_FEEDBACK_S)
 
     async def serve(self, name: str, version: str | None,
                     work: Callable[[ModelEntry], Awaitable[tuple[T, int]]], *,
@@ -216,7 +237,7 @@ class DataPlane:
         try:
             entry = self.models.get(name, version)
             labels = (entry.predictor.name, entry.predictor.version)
-            with entry.batcher.admission():
+            with entry.batcher.routed():
                 result, batch = await asyncio.wait_for(work(entry),
                                                        self.config.request_timeout_s)
             if isinstance(result, Response):  # which version answered, outside the body
@@ -224,11 +245,28 @@ class DataPlane:
         except ServingError as e:
             error = e
         except asyncio.TimeoutError:
-            error = RequestTimeout(f"no answer within {self.config.request_timeout_s}s; the "
-                                   f"server is overloaded")
+            client = client_state()
+            if client is not None and not client.body_received:
+                error = BodyTimeout(f"the request body did not arrive within "
+                                    f"{self.config.request_timeout_s}s")
+            else:
+                error = RequestTimeout(f"no answer within {self.config.request_timeout_s}s; "
+                                       f"the server is overloaded")
+        except asyncio.CancelledError:
+            client = client_state()
+            if client is None or not client.disconnected:
+                raise
+            forget_cancel()
+            error = ClientDisconnected("the client went away before the answer; its queued "
+                                       "work was dropped")
         except Exception:
-            log.exception("internal error on %s", path)
-            error = InternalError("internal server error")
+            client = client_state()
+            if client is not None and client.disconnected:  # mid-upload
+                error = ClientDisconnected("the connection closed during the upload (the "
+                                           "client left, or its body deadline passed)")
+            else:
+                log.exception("internal error on %s", path)
+                error = InternalError("internal server error")
         finally:
             self.metrics.in_flight.dec()
         status = error.status if error is not None else 200
@@ -249,23 +287,49 @@ class DataPlane:
         return result
 
     async def infer_arrays(self, entry: ModelEntry, arrays: list[np.ndarray]) -> list[Logits]:
-        """Preprocessed CHW arrays through the batcher."""
-        return list(await asyncio.gather(*(entry.batcher.submit(a) for a in arrays)))
+        """Preprocessed CHW arrays through the batcher, one admission slot each."""
+        with entry.batcher.admission(len(arrays)):
+            return await _all_or_none(entry.batcher.submit(a) for a in arrays)
 
     async def infer_images(self, entry: ModelEntry, images: list[bytes]) -> list[Logits]:
-        """Encoded images: decode off the event loop, then queue each one for a batch."""
-        loop = asyncio.get_running_loop()
+        """Encoded images: decode off the event loop, then queue each one for a batch; one
+        admission slot per image, and the others cancelled as soon as one fails."""
         predictor, batcher = entry.predictor, entry.batcher
         timing = self.metrics.preprocess.labels(predictor.name, predictor.version)
 
         async def one(data: bytes) -> Logits:
             with batcher.preparing_one():
                 start = time.perf_counter()
-                array = await loop.run_in_executor(self.decode_pool, predictor.decode, data)
+                array = await self.decode(predictor, data)
                 timing.observe(time.perf_counter() - start)
             return await batcher.submit(array)
 
-        return list(await asyncio.gather(*(one(d) for d in images)))
+        with batcher.admission(len(images)):
+            return await _all_or_none(one(d) for d in images)
+
+    async def decode(self, predictor: Predictor, data: bytes) -> np.ndarray:
+        """One image's decode stage in the decode pool. Once a thread has started it, it gets
+        its budget's time limit (plus a grace); past that it is abandoned and answered 413."""
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def run() -> np.ndarray:
+            loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
+            return predictor.decode(data)
+
+        done = loop.run_in_executor(self.decode_pool, run)
+        limit = predictor.budget.timeout_s
+        if limit is None:
+            return await done
+        try:
+            await asyncio.wait({started, done}, return_when=asyncio.FIRST_COMPLETED)
+            return await asyncio.wait_for(done, limit + DECODE_ABANDON_GRACE_S)
+        except asyncio.TimeoutError:
+            raise InputError(f"decoding took longer than the limit of {limit}s; send a "
+                             f"smaller or simpler image", 413, "DecodeTimeout") from None
+        finally:
+            started.cancel()
+            done.cancel()  # dropped from the pool's queue if no thread has started it
 
     async def predict(self, entry: ModelEntry, image: bytes,
                       k: int) -> tuple[list[Prediction], int]:
@@ -282,3 +346,14 @@ class DataPlane:
         p = entry.predictor
         return self.feedback.log_prediction(p.name, p.version, predictions, image,
                                             labels=p.labels)
+
+
+async def _all_or_none(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Await every one; when one fails (or the caller is cancelled) cancel the others, so a
+    request's remaining images stop costing anything."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()

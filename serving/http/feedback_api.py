@@ -56,11 +56,19 @@ def get_feedback(request: Request) -> FeedbackStore:
 FeedbackDep = Annotated[FeedbackStore, Depends(get_feedback)]
 
 
+def recorded_source(request: Request, source: str | None) -> str:
+    """The source kept with a label: the client's address, after the app name it sent
+    (``app@address``), so a retrain can cap what one client contributes."""
+    address = request.client.host if request.client else "unknown"
+    return f"{source[:150]}@{address}" if source else address
+
+
 @router.post("/feedback")
-async def post_feedback(body: FeedbackRequest, store: FeedbackDep) -> dict:
+async def post_feedback(request: Request, body: FeedbackRequest, store: FeedbackDep) -> dict:
     """Attach the confirmed label; answers after the commit (a 200 survives kill -9)."""
     result = await run_in_threadpool(store.add_feedback, body.prediction_id, body.label,
-                                     allow_new_class=body.allow_new_class, source=body.source)
+                                     allow_new_class=body.allow_new_class,
+                                     source=recorded_source(request, body.source))
     return result.to_dict()
 
 

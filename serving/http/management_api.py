@@ -22,23 +22,20 @@ so a web page cannot reach it through DNS rebinding.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import re
-import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from urllib.parse import urlsplit
 
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from serving.errors import ModelNotFound, ServingError
 from serving.http.dataplane import DataPlane, version_key
 from serving.http.dependencies import DataPlaneDep
+from serving.http.protocol import SideServer, start_side_server
 from serving.http.torchserve_api import describe
 
 log = logging.getLogger(__name__)
@@ -212,51 +209,18 @@ def management_app(dataplane: DataPlane, settings: ManagementSettings) -> FastAP
     return app
 
 
-class _Listener(uvicorn.Server):
-    """A uvicorn server that leaves signals to the inference server, whose lifespan stops it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-@dataclass
-class ManagementServer:
-    """The running management listener."""
-
-    server: uvicorn.Server
-    task: asyncio.Task
-    port: int
-
-    async def stop(self) -> None:
-        """Close the listener and wait for its connections (a few seconds at most)."""
-        self.server.should_exit = True
-        await self.task
-
-
-async def start_management_server(dataplane: DataPlane,
-                                  settings: ManagementSettings) -> ManagementServer:
-    """Listen for the management API on the running event loop; RuntimeError naming the
-    address when it cannot listen there."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+async def start_management_server(dataplane: DataPlane, settings: ManagementSettings, *,
+                                  header_timeout_s: float, body_timeout_s: float,
+                                  max_connections: int = 16) -> SideServer:
+    """Listen for the management API on the running event loop (same read deadlines as the
+    inference port); RuntimeError naming the address when it cannot listen there."""
     try:
-        sock.bind((settings.host, settings.port))
-    except OSError as e:
-        sock.close()
-        raise RuntimeError(f"management API: cannot listen on {settings.host}:{settings.port} "
-                           f"({e}); choose another --management-port, or 0 to turn it "
-                           f"off") from e
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(management_app(dataplane, settings), lifespan="off",
-                            log_config=None, access_log=False, timeout_graceful_shutdown=5)
-    server = _Listener(config)
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("management API: the listener stopped while starting")
-        await asyncio.sleep(0.01)
-    log.info("management API on http://%s:%d/models", settings.host, port)
-    return ManagementServer(server, task, port)
+        server = await start_side_server(
+            management_app(dataplane, settings), settings.host, settings.port,
+            header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+            max_connections=max_connections)
+    except RuntimeError as e:
+        raise RuntimeError(f"management API: {e}; choose another --management-port, or 0 "
+                           f"to turn it off") from e
+    log.info("management API on http://%s:%d/models", settings.host, server.port)
+    return server

@@ -6,6 +6,8 @@ JSON exactly as the TorchServe handler writes it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -27,14 +29,22 @@ async def ping() -> dict:
 @router.get("/models")
 async def list_models(dataplane: DataPlaneDep) -> dict:
     models = dataplane.models
-    return {"models": [{"modelName": name, "modelUrl": models.get(name).predictor.source}
+    return {"models": [{"modelName": name, "modelUrl": public_url(models.get(name).predictor)}
                        for name in sorted(models.versions)]}
+
+
+def public_url(predictor) -> str:
+    """What a version was loaded from, without the filesystem around it: the file or
+    directory name (``food.mar``, ``v3``, as TorchServe shows a .mar's name), or the
+    ``models:/`` URI as given. The inference port may face the network; paths do not."""
+    source = str(predictor.source)
+    return source if ":/" in source else Path(source).name
 
 
 def describe(dataplane: DataPlane, entry: ModelEntry) -> dict:
     """One version as TorchServe's ``describe model`` shows it, plus labels and spec."""
     p, config = entry.predictor, dataplane.config
-    return {"modelName": p.name, "modelVersion": p.version, "modelUrl": p.source,
+    return {"modelName": p.name, "modelVersion": p.version, "modelUrl": public_url(p),
             "runtime": "onnxruntime", "minWorkers": 1, "maxWorkers": 1,
             "batchSize": config.max_batch_size, "maxBatchDelay": config.max_batch_delay_ms,
             "responseTimeout": config.request_timeout_s, "maxQueue": config.max_queue,
@@ -56,6 +66,26 @@ async def describe_version(name: str, version: str, dataplane: DataPlaneDep) -> 
     return [describe(dataplane, dataplane.models.get(name, version))]
 
 
+def text_field_bytes(content_type: str, body: bytes, name: str) -> bytes:
+    """The bytes of multipart text field ``name`` exactly as sent: ``curl -F 'data=<pizza.jpg'``
+    sends the image as a text field, which starlette's form hands over decoded (UTF-8, else
+    latin-1); python-multipart, which starlette parses with, keeps them as bytes."""
+    import python_multipart
+
+    found: list[bytes] = []
+
+    def on_field(field) -> None:
+        if field.field_name == name.encode() and not found:
+            found.append(bytes(field.value or b""))
+
+    parser = python_multipart.create_form_parser(
+        {"Content-Type": content_type.encode("latin-1")}, on_field, None,
+        config={"MAX_MEMORY_FILE_SIZE": len(body) + 1, "MAX_BODY_SIZE": len(body) + 1})
+    parser.write(body)
+    parser.finalize()
+    return found[0] if found else b""
+
+
 async def _image_and_form_topk(request: Request, body: bytes) -> tuple[bytes, str | None]:
     """The image bytes of a raw body or of a multipart/form field (``data``, ``body``,
     ``file``), and the form's ``topk`` field if it has one."""
@@ -67,7 +97,9 @@ async def _image_and_form_topk(request: Request, body: bytes) -> tuple[bytes, st
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        # a text field may carry the image (curl -F 'data=<pizza.jpg'): up to the body limit
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=16,
+                                                          max_part_size=max(1, len(body)))
     except Exception as e:  # malformed multipart: a client error, not a 500
         raise InputError(f"cannot parse the multipart body: {e}", 400,
                          "InvalidMultipart") from e
@@ -80,7 +112,8 @@ async def _image_and_form_topk(request: Request, body: bytes) -> tuple[bytes, st
             raise InputError(f"multipart body has fields {fields}; send the image in a field "
                              f"named 'data'", 400, "InvalidMultipart")
         value = form[name]
-        data = await value.read() if hasattr(value, "read") else value.encode()
+        data = (await value.read() if hasattr(value, "read")
+                else text_field_bytes(content_type, body, name))
         return data, topk if isinstance(topk, str) else None
     finally:
         await form.close()
