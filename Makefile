@@ -16,7 +16,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TS_CONFIG_FILE := $(abspath $(TS_CONFIG))
 
 .PHONY: install sample-data train evaluate predict export archive serve stop serve-onnx \
-        demo test lint bench bench-full mlflow-ui clean
+        demo test lint bench bench-full soak lifecycle-demo mlflow-ui clean
 
 install: $(STAMP)
 
@@ -80,9 +80,20 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(PY) -m benchmarks --full $(ARGS)
 
+# Our server and TorchServe at 80 % of their measured maximum, 10 minutes each (not in make
+# test): errors by kind, p50/p99 over time, resident memory; exit 1 when a target is missed.
+# Shorter: make soak ARGS="--minutes 2".
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak $(ARGS)
+
+# Serve v1 following the champion alias, send and confirm fresh images, retrain on them,
+# promote only if better on the same evaluation set, switch the running server under load.
+lifecycle-demo: $(STAMP)
+	$(PY) -m training lifecycle-demo $(ARGS)
+
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf artifacts checkpoints model_store/*.mar logs mlruns mlflow.db .pytest_cache \
-	       .hypothesis serve_config/.snapshots benchmarks/scratch
+	       .hypothesis serve_config/.snapshots benchmarks/scratch lifecycle

@@ -68,7 +68,8 @@ def test_feedback_split_is_seeded_disjoint_and_skips_what_cannot_be_trained(tmp_
     fill_store(url, tmp_path / "images", ["ramen"] * 3, seed=2, new_class=True)
 
     a = load_feedback(url, "food", CLASSES, seed=42, eval_fraction=0.25)
-    assert a.skipped == {"no_image": 4, "missing_file": 0, "unknown_class": 3}
+    assert a.skipped == {"no_image": 4, "missing_file": 0, "unknown_class": 3,
+                         "over_source_cap": 0}
     assert a.classes == CLASSES
     assert len(a.train) + len(a.eval) == 60
     assert not {p for p, _ in a.train} & {p for p, _ in a.eval}

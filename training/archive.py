@@ -81,7 +81,8 @@ def build_archive(model_dir: str | Path, fmt: str = DEFAULT_FORMAT, name: str | 
     export_path = Path(export_path)
 
     # One archive writer per model store; a killed one's leftovers are removed here.
-    with exclusive(export_path, "another archive build"), staging_dir(export_path, "archive") as stage:
+    with exclusive(export_path, "another archive build"), \
+            staging_dir(export_path, "archive") as stage:
         write_json(stage / "index_to_name.json", index_to_name(version))
         shutil.copyfile(version.path / "model_config.json", stage / "model_config.json")
         package = stage / "carried" / "serving"
@@ -98,7 +99,12 @@ def build_archive(model_dir: str | Path, fmt: str = DEFAULT_FORMAT, name: str | 
                "--config-file", str(stage / "model-config.yaml"),
                "--export-path", str(stage), "--force"]
         log.debug("running %s", " ".join(cmd))
-        result = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        # torch-model-archiver assembles in $TMPDIR/<model name>, removed first: a private
+        # TMPDIR keeps two builds of one model name (two stores) from wiping each other's
+        private_tmp = stage / "archiver-tmp"
+        private_tmp.mkdir()
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                                env={**os.environ, "TMPDIR": str(private_tmp)})
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed ({result.returncode}): "
                                f"{result.stderr.strip() or result.stdout.strip()}")

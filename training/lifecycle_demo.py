@@ -171,14 +171,12 @@ def post(url: str, body: bytes, content_type: str, timeout: float = 30
 def post_retrying(url: str, body: bytes, content_type: str, tries: int = 5
                   ) -> tuple[int, Message, bytes]:
     """:func:`post`, waiting out a 429 or 503 as its ``Retry-After`` asks, a few times."""
-    for _ in range(tries - 1):
+    for attempt in range(1, tries + 1):
         status, headers, answer = post(url, body, content_type)
-        if status not in (429, 503):
-            break
+        if status not in (429, 503) or attempt == tries:
+            return status, headers, answer
         time.sleep(min(5.0, float(headers.get("Retry-After") or 1)))
-    else:
-        status, headers, answer = post(url, body, content_type)
-    return status, headers, answer
+    raise ValueError(f"tries={tries} must be >= 1")
 
 
 def run_app(server: Launched, model: str, indices: range, seed: int, threads: int
@@ -188,6 +186,13 @@ def run_app(server: Launched, model: str, indices: range, seed: int, threads: in
     report, lock = AppReport(), threading.Lock()
 
     def one(index: int) -> None:
+        try:
+            confirm(index)
+        except OSError as e:  # refused, reset, timed out
+            with lock:
+                report.failures.append(f"photo {index}: {type(e).__name__}: {e}")
+
+    def confirm(index: int) -> None:
         label, photo = app_photo(index, seed)
         status, headers, body = post(f"{server.url}/predictions/{model}", photo,
                                      "application/octet-stream")
@@ -290,6 +295,18 @@ def agreement_metrics(metrics_url: str, model: str) -> dict[str, dict]:
             if key and sample.labels.get("model") == model:
                 out.setdefault(sample.labels["version"], {})[key] = sample.value
     return out
+
+
+def _gauge_current(server: Launched, model: str, versions: set[str]) -> bool:
+    """Whether ``/metrics`` shows, for each of ``versions``, the agreement ratio that
+    ``/feedback/stats`` computes from the store now (the writer refreshes the gauge a moment
+    after each label)."""
+    with urllib.request.urlopen(f"{server.url}/feedback/stats?model={model}",
+                                timeout=10) as response:
+        stats = {v["version"]: v["agreement_rate"] for v in json.load(response)["versions"]}
+    shown = agreement_metrics(server.metrics_url, model)
+    return all(stats.get(v) is not None and "ratio" in shown.get(v, {})
+               and abs(shown[v]["ratio"] - stats[v]) < 1e-6 for v in versions)
 
 
 # ---------------------------------------------------------------- the steps
@@ -433,12 +450,15 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                            ready_timeout=180) as server:
         say(f"  serving at {server.url}, metrics at {server.metrics_url}")
 
-        # 3. the app: fresh photos, their true labels confirmed
+        # 3. the app: fresh photos, their true labels confirmed (a second run in the same
+        # work directory goes on where the first stopped: no photo is confirmed twice)
         started = datetime.now(timezone.utc)
+        with FeedbackStore(feedback_url) as store:
+            first = store.count_confirmed(model)
+        photos = range(first, first + settings.photos)
         say(f"app: sending {settings.photos} fresh photos (seed {settings.seed}, a stream of "
             f"their own) and confirming the true label of each")
-        before = run_app(server, model, range(settings.photos), settings.seed,
-                         settings.app_threads)
+        before = run_app(server, model, photos, settings.seed, settings.app_threads)
         say(f"  {describe_app(before)}")
         with FeedbackStore(feedback_url) as store:
             rows = store.count_confirmed(model, since=started)
@@ -451,8 +471,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         try:
             config = _config(settings, {"feedback": feedback_url})
             say(f"load: {settings.load_threads} thread(s) sending requests from now on")
-            say(f"$ python -m training retrain --if-needed --min-new-labels "
-                f"{settings.min_new_labels} --feedback {feedback_url} --export")
+            say("$ " + _command(["retrain", "--config", settings.config, "--if-needed",
+                                 "--min-new-labels", str(settings.min_new_labels),
+                                 "--feedback", feedback_url, "--export"], settings.overrides))
             outcome = retrain(config, if_needed=True, min_new_labels=settings.min_new_labels,
                               max_age_days=30.0, export=True, client=client)
             result.retrained, result.retrain_reason = outcome.check.needed, outcome.check.reason
@@ -488,15 +509,12 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         # 6. the app again, answered by v2; agreement per version
         say(f"app: {settings.photos_after} more fresh photos, answered by v{v2.version}, "
             f"confirmed")
-        after = run_app(server, model,
-                        range(settings.photos, settings.photos + settings.photos_after),
+        after = run_app(server, model, range(photos.stop, photos.stop + settings.photos_after),
                         settings.seed, settings.app_threads)
         result.after = after
         say(f"  {describe_app(after)}")
-        wanted = {v1.version, v2.version}
-        _wait_for(lambda: wanted <= {v for v, m in agreement_metrics(
-            server.metrics_url, model).items() if "ratio" in m}, 30,
-            "the agreement gauge for both versions", server)
+        _wait_for(lambda: _gauge_current(server, model, {v1.version, v2.version}), 60,
+                  "the agreement gauge catching up with the feedback store", server)
         result.agreement = agreement_metrics(server.metrics_url, model)
         say(f"agreement of the served top-1 with the confirmed label, per version "
             f"({server.metrics_url}):")
@@ -533,10 +551,16 @@ def _say_scores(result: DemoResult) -> None:
 
 def demo_cli(args, overrides: list[str]) -> int:
     """``python -m training lifecycle-demo [--quick] [--workdir DIR] [config overrides]``."""
-    from training.config import ConfigError, parse_overrides
+    from training.config import ConfigError, load_config, parse_overrides
+    from training.locks import Busy
+    from training.train import RunConflict
 
     try:
         extra = parse_overrides(overrides)
+        # every key and value checked before any work (resume=True skips only the check of
+        # the data, which the demo generates when it is missing)
+        load_config(args.config, {**(QUICK_OVERRIDES if args.quick else {}), **extra},
+                    resume=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -551,7 +575,10 @@ def demo_cli(args, overrides: list[str]) -> int:
             setattr(settings, key, getattr(args, key))
     try:
         run_demo(settings)
-    except (DemoError, ConfigError) as e:
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DemoError, RunConflict, Busy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -112,7 +112,8 @@ def write_export(version_dir: Path, fill: Callable[[Path], None]) -> Path:
     """Publish the files ``fill(stage)`` writes into a staging directory as the version's
     export, all at once; returns the published directory. Nothing is published if ``fill``
     raises. One export of a version runs at a time; a killed one's leftovers go here."""
-    with exclusive(version_dir, "another export of this version"), staging_dir(version_dir, "export") as stage:
+    with exclusive(version_dir, "another export of this version"), \
+            staging_dir(version_dir, "export") as stage:
         fill(stage)
         crash_point("export_staged")  # test hook (training/crashpoints.py)
         return _publish(version_dir, stage)
@@ -127,13 +128,13 @@ def _publish(version_dir: Path, stage: Path) -> Path:
     new export lacks, and exports older than the previous one, are removed afterwards. A kill
     at any point leaves either the old or the new export current, never a mix.
     """
+    current = version_dir / EXPORT_LINK
+    if current.exists() and not current.is_symlink():
+        raise FileExistsError(f"{current} is not a link to an export directory; move it away")
+    previous = os.readlink(current) if current.is_symlink() else None
     name = f"{EXPORT_PREFIX}{time.time_ns()}"
     publish_dir(stage, version_dir / name)
     crash_point("export_published")
-    current = version_dir / EXPORT_LINK
-    previous = os.readlink(current) if current.is_symlink() else None
-    if current.exists() and not current.is_symlink():
-        raise FileExistsError(f"{current} is not a link to an export directory; move it away")
     exported = {p.name for p in (version_dir / name).iterdir()}
     for file in MODEL_FILES.values():
         link = version_dir / file

@@ -44,8 +44,8 @@ class SecuritySettings:
     """The token (None: none), and the feedback rate limit per client."""
 
     token: str | None = None
-    feedback_rate: float = 2.0  # requests per second per client, sustained
-    feedback_burst: int = 20  # requests a client may send at once
+    feedback_rate: float = 10.0  # requests per second per client, sustained
+    feedback_burst: int = 100  # requests a client may send at once
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < MIN_TOKEN_CHARS:
@@ -183,8 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
         "write access",
         "Writes (POST /feedback) need a bearer token when one is set, and a server listening "
-        "beyond loopback with a feedback store refuses to start without one. On loopback the Host header must be "
-        "a loopback name (DNS rebinding). Put TLS in front of a server others can reach.")
+        "beyond loopback with a feedback store refuses to start without one. On loopback the "
+        "Host header must be a loopback name (DNS rebinding). Put TLS in front of a server "
+        "others can reach.")
     g.add_argument("--token-file", metavar="FILE", default=None,
                    help=f"file holding the bearer token for writes (default: ${TOKEN_ENV})")
     g.add_argument("--feedback-rate", type=float, default=defaults.feedback_rate,
