@@ -112,7 +112,11 @@ def load_feedback(url: str, model: str, classes: list[str], *, seed: int,
     classes += new
     idx = {c: i for i, c in enumerate(classes)}
     train, held_out = [], []
-    for sample, path in sorted(usable, key=lambda item: item[0].prediction_id):
+    # ordered by image digest, not by the random prediction id: the same photos give the
+    # same training order, so a retrain on them is reproducible
+    for sample, path in sorted(usable, key=lambda item: (item[0].image_sha256 or
+                                                         item[0].prediction_id,
+                                                         item[0].prediction_id)):
         key = sample.image_sha256 or sample.prediction_id
         (held_out if in_eval_slice(key, seed, eval_fraction) else train).append(
             (path, idx[sample.label]))
