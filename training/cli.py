@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photos confirmed after the switch (default 100; quick 20)")
     p.add_argument("--min-new-labels", type=int, default=None,
                    help="retrain --if-needed threshold (default 100; quick 20)")
+    p.add_argument("--v1-epochs", type=int, default=None,
+                   help="epochs of v1 when there is no champion yet: an early model "
+                        "(default 10; quick 1; 0: the config's)")
     p.set_defaults(func=_lifecycle_demo, takes_overrides=True)
     return parser
 
