@@ -35,6 +35,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from serving.errors import ModelNotFound, ServingError
 from serving.http.dataplane import DataPlane, version_key
 from serving.http.dependencies import DataPlaneDep
+from serving.http.error_handlers import add_error_handlers
 from serving.http.protocol import SideServer, start_side_server
 from serving.http.torchserve_api import describe
 
@@ -199,8 +200,6 @@ async def unregister(name: str, version: str, dataplane: DataPlaneDep) -> dict:
 
 def management_app(dataplane: DataPlane, settings: ManagementSettings) -> FastAPI:
     """The management API over ``dataplane``, answering errors like the inference app."""
-    from serving.http.app import add_error_handlers  # app.py starts this app: import late
-
     app = FastAPI(title="food classifier management API", openapi_url=None)
     app.state.dataplane = dataplane
     app.state.management = settings
