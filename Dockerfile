@@ -26,7 +26,7 @@ COPY handlers ./handlers
 COPY benchmarks ./benchmarks
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
-        "torch==2.14.1" ".[serve,torchserve]"
+        "torch==2.14.1" ".[serve,openvino,torchserve]"
 
 COPY serve_config ./serve_config
 COPY model_store/food.mar ./model_store/food.mar

@@ -25,7 +25,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[train,serve,torchserve,bench,dev]"
+	$(PY) -m pip install --quiet -e ".[train,serve,openvino,torchserve,bench,dev]"
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17: apt-get install -y openjdk-17-jre-headless" >&2; }
 	touch $(STAMP)
 
@@ -42,11 +42,12 @@ evaluate: $(STAMP)
 predict: $(STAMP)
 	$(PY) -m training predict $(IMAGE) --model $(MODEL) $(ARGS)
 
+# --variants all: also validate int8 and OpenVINO variants; servers run the fastest that passed.
 export: $(STAMP)
-	$(PY) -m training export --model $(MODEL) $(ARGS)
+	$(PY) -m training export --model $(MODEL) --variants all $(ARGS)
 
 archive: $(STAMP)
-	$(PY) -m training export --model $(MODEL)
+	$(PY) -m training export --model $(MODEL) --variants all
 	$(PY) -m training archive --model $(MODEL) $(if $(FORMAT),--format $(FORMAT)) $(ARGS)
 
 serve: $(STAMP)

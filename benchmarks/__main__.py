@@ -2,9 +2,14 @@
 engines, servers and training sections in one run, written to ``benchmarks/results/`` as
 ``<timestamp>.json``, ``.md`` and ``-serving.png``.
 
---quick: MobileNetV2 only, short blocks, no TorchScript archive, no tuning sweep (about
-         5 minutes on 2 cores, plus about 1 minute to build the model the first time).
---full: all three backbones, all five servers, longer blocks, the tuning sweep (~25 min).
+--quick: MobileNetV2 only; engines in process, our server (fp32 and best variant), stock
+         TorchServe, TorchServe with our handler and the peers (PyTriton, LitServe), each
+         HTTP point the median of 3 runs of 1.5 s; streams; 12 MP uploads. No training
+         section, no tuning sweep (about 8 minutes on 2 cores; the first run also builds
+         the model, the photo set and PyTriton's virtualenv).
+--full: all three backbones, every server and variant, 5 s runs, 1080p uploads, the
+        tuning sweep, and the training loop (run first: torch training after OpenVINO
+        and the servers once crashed the harness at exit; about 40 minutes).
 """
 
 from __future__ import annotations
@@ -25,22 +30,24 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_engines.add_common_args(p)
     p.add_argument("--only", action="append", choices=SECTIONS,
-                   help="run only these sections (default: all)")
+                   help="run only these sections (default: all; --quick leaves out training)")
     p.add_argument("--server", action="append", choices=bench_serving.SERVERS,
-                   help="servers to measure (default: all)")
+                   help="servers to measure (default: the quick or full set)")
+    bench_serving.add_serving_args(p)
     args = p.parse_args(argv)
     passive_openmp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     started, load_before = datetime.now(timezone.utc), os.getloadavg()
-    only = args.only or list(SECTIONS)
+    only = args.only or [s for s in SECTIONS if s != "training" or not args.quick]
     sections = {}
+    if "training" in only:
+        sections["training"] = bench_training.run(args.quick, threads=args.threads)
     if "engines" in only:
         sections["engines"] = bench_engines.run(args.quick, threads=args.threads,
                                                 trained=args.trained)
     if "serving" in only:
-        sections["serving"] = bench_serving.run(args.quick, args.server, args.threads)
-    if "training" in only:
-        sections["training"] = bench_training.run(args.quick, threads=args.threads)
+        sections["serving"] = bench_serving.run(args.quick, args.server, args.threads,
+                                                repeats=args.repeats, phone=args.phone)
     paths = report.write_run(sections, args.out, args.quick, started, load_before)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

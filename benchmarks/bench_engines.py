@@ -1,5 +1,6 @@
-"""Engines in process: eager PyTorch, TorchScript, ONNX Runtime float32 and int8, per backbone
-and batch size, plus the preprocessing cost for a small and a phone-sized JPEG.
+"""Engines in process: eager PyTorch, TorchScript and every engine variant of
+``serving.engines`` (ONNX Runtime fp32 and int8, OpenVINO bf16 and int8), per backbone and
+batch size, plus the preprocessing cost for a small and a phone-sized JPEG.
 
     python -m benchmarks.bench_engines [--quick] [--arch mobilenet_v2] [--threads 2]
 
@@ -18,12 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import passive_openmp, report
+from benchmarks.photos import phone_images
 from benchmarks.timing import measure
-from benchmarks.versions import BACKBONES, SCRATCH, backbone_version, bench_images, int8_agreement
+from benchmarks.versions import (
+    BACKBONES,
+    SCRATCH,
+    backbone_version,
+    bench_images,
+    variant_agreement,
+)
+from serving import engines
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("eager", "torchscript", "onnx_fp32", "onnx_int8")
+ENGINES = ("eager", "torchscript", *(v.name for v in engines.VARIANTS))
 BATCH_SIZES = (1, 8)
 
 
@@ -46,11 +55,11 @@ def _runner(engine: str, version: Path, threads: int, spinning: bool = True):
                 return model(torch.from_numpy(x)).numpy()
         return run
 
-    from serving.predictor import ort_session
+    from serving.artifacts import MODEL_FILES
 
-    name = "model.onnx" if engine == "onnx_fp32" else "model.int8.onnx"
-    session = ort_session(version / name, threads, spinning=spinning)
-    return lambda x: session.run(["logits"], {"input": x})[0]
+    variant = engines.variant_named(engine)
+    model = (version / MODEL_FILES[variant.model_format]).read_bytes()
+    return engines.build(model, variant, threads, spinning).infer
 
 
 def bench_engines(versions: dict[str, Path], images: list[Path], threads: int,
@@ -65,6 +74,11 @@ def bench_engines(versions: dict[str, Path], images: list[Path], threads: int,
         spec = load_version(version).spec
         pool = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in images])
         for engine in ENGINES:
+            why = engines.unavailable(engines.BY_NAME[engine]) if engine in engines.BY_NAME \
+                else None
+            if why:
+                log.warning("%s skipped: %s", engine, why)
+                continue
             infer = _runner(engine, version, threads)
             for bs in BATCH_SIZES:
                 x = np.ascontiguousarray(np.resize(pool, (bs, *pool.shape[1:])))
@@ -77,25 +91,31 @@ def bench_engines(versions: dict[str, Path], images: list[Path], threads: int,
     return rows
 
 
-def bench_preprocess(small: Path, phone: Path, quick: bool) -> list[dict]:
-    """Decode and decode+resize+crop+normalize at crop 224, with and without JPEG draft."""
+DRAFT_FACTOR = 2  # the factor to opt in with (benchmarks.draft_decode measured it)
+
+
+def bench_preprocess(images: dict[str, Path], quick: bool) -> list[dict]:
+    """Decode and decode+resize+crop+normalize at crop 224, with full decoding (the default)
+    and with JPEG draft decoding at DRAFT_FACTOR, for each ``label -> image``."""
     from PIL import Image
 
-    from serving.preprocess import PreprocessSpec, decode_image, preprocess_bytes
+    from serving.preprocess import PreprocessSpec, decode_image, draft_target, preprocess_bytes
 
     spec = PreprocessSpec(resize_size=256, crop_size=224)
     rows = []
-    for label, path in (("small", small), ("phone", phone)):
+    for label, path in images.items():
         data = path.read_bytes()
         with Image.open(path) as img:
             size = f"{img.width}x{img.height}"
+        big = img.width * img.height > 1_000_000
         for draft in (False, True):
-            draft_size = spec.resize_size if draft else None
-            for step, fn in (("decode", partial(decode_image, data, draft_size=draft_size)),
+            factor = DRAFT_FACTOR if draft else None
+            for step, fn in (("decode", partial(decode_image, data,
+                                                draft_size=draft_target(spec, factor))),
                              ("decode+preprocess",
-                              partial(preprocess_bytes, data, spec, draft=draft))):
-                stats = measure(fn, warmup=1 if label == "phone" else 3,
-                                iters=(5 if quick else 15) if label == "phone" else 40,
+                              partial(preprocess_bytes, data, spec, draft_factor=factor))):
+                stats = measure(fn, warmup=1 if big else 3,
+                                iters=(5 if quick else 15) if big else 40,
                                 repeats=3, max_seconds=6 if quick else 15)
                 rows.append({"image": label, "size": size, "bytes": len(data),
                              "draft": draft, "step": step, **stats})
@@ -113,8 +133,11 @@ def run(quick: bool = True, archs: list[str] | None = None, threads: int | None 
     return {"threads": threads, "archs": archs,
             "rows": bench_engines({a: backbone_version(a, imgs["small"]) for a in archs},
                                   imgs["small"], threads, quick),
-            "preprocess": bench_preprocess(imgs["small"][0], imgs["phone"][0], quick),
-            "int8_agreement": int8_agreement(trained, scratch)}
+            "preprocess": bench_preprocess(
+                {"small": imgs["small"][0],
+                 **{size: photos[0] for size, photos in phone_images(scratch).items()
+                    if size in ("1080p", "12mp")}}, quick),
+            "variant_agreement": variant_agreement(trained, scratch)}
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

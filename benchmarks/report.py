@@ -115,71 +115,133 @@ def _engine(engines: dict, arch: str, engine: str, batch: int) -> dict | None:
                  == (arch, engine, batch)), None)
 
 
+def ceiling_at(ceil: dict, mean_batch: float | None) -> float | None:
+    """The ceiling's images/s at the server's mean batch size (the nearest measured batch
+    size at or below it; batch 1 without a measurement)."""
+    if not ceil or not ceil.get("per_batch"):
+        return None
+    sizes = sorted(int(b) for b in ceil["per_batch"])
+    chosen = max([b for b in sizes if b <= (mean_batch or 1)] or sizes[:1])
+    return ceil["per_batch"][chosen if chosen in ceil["per_batch"] else str(chosen)][
+        "images_per_s"]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def targets(result: dict) -> list[dict]:
-    """The issue's targets, each with the measured ratio and met / not met / not measured."""
+    """The issues' targets, each with the measured ratio and met / not met / not measured."""
     out = []
 
     def add(name: str, goal: str, value: float | None, ok: bool | None, detail: str = ""):
         out.append({"target": name, "goal": goal,
                     "measured": None if value is None else round(value, 3),
-                    "met": ok, "detail": detail})
+                    "met": None if value is None else ok, "detail": detail})
 
     serving = result.get("serving") or {}
-    if not serving:
-        return _engine_targets(result, out, add)
-    stock = _server(serving, "torchserve-stock")
-    ours_onnx = _server(serving, "onnx-server-fp32")
-    s16, o16 = _closed(stock, 16), _closed(ours_onnx, 16)
-    ratio = (o16["rps"] / s16["rps"]) if o16 and s16 and s16["rps"] else None
-    add("ONNX server rps vs stock TorchServe, concurrency 16", ">= 10x", ratio,
-        None if ratio is None else ratio >= 10,
-        f"{o16['rps'] if o16 else '-'} vs {s16['rps'] if s16 else '-'} req/s")
-    tail = (o16["p99_ms"] / o16["p50_ms"]) if o16 and o16.get("p50_ms") else None
-    add("ONNX server p99/p50, concurrency 16", "< 4x", tail, None if tail is None else tail < 4,
-        f"p50 {o16['p50_ms'] if o16 else '-'} ms, p99 {o16['p99_ms'] if o16 else '-'} ms")
-    ceiling = serving.get("ceiling") or {}
-    best = _best_rps(ours_onnx)
-    if best and ceiling.get("throughput_images_per_s"):
-        r = best["rps"] / ceiling["throughput_images_per_s"]
-        add("ONNX server best rps vs in-process ceiling", ">= 0.8", r, r >= 0.8,
-            f"{best['rps']} req/s at concurrency {best['concurrency']} vs "
-            f"{ceiling['throughput_images_per_s']} images/s in process")
-    else:
-        add("ONNX server best rps vs in-process ceiling", ">= 0.8", None, None)
-    o1 = _closed(ours_onnx, 1)
-    if o1 and o1.get("p50_ms") and ceiling.get("single_p50_ms"):
-        r = o1["p50_ms"] / ceiling["single_p50_ms"]
-        add("ONNX server p50 at concurrency 1 vs in-process single image", "<= 1.3x", r,
-            r <= 1.3, f"{o1['p50_ms']} ms vs {ceiling['single_p50_ms']} ms")
-    else:
-        add("ONNX server p50 at concurrency 1 vs in-process single image", "<= 1.3x", None, None)
-    for fmt in ("onnx", "torchscript"):
-        ours = _closed(_server(serving, f"torchserve-ours-{fmt}"), 16)
-        r = (ours["rps"] / s16["rps"]) if ours and s16 and s16["rps"] else None
-        add(f"TorchServe + our handler ({fmt}) vs stock, concurrency 16", ">= 4x", r,
-            None if r is None else r >= 4,
-            f"{ours['rps'] if ours else '-'} vs {s16['rps'] if s16 else '-'} req/s")
+    if serving:
+        _peer_targets(serving, add)
+        _server_targets(serving, add)
     return _engine_targets(result, out, add)
+
+
+def _peer_targets(serving: dict, add) -> None:
+    """Our fp32 server against each peer on the same engine (ONNX Runtime fp32)."""
+    ours = _server(serving, "onnx-server-fp32")
+    for peer in ("pytriton", "litserve", "bentoml"):
+        theirs = _server(serving, peer)
+        if theirs is None:
+            continue
+        o16, t16 = _closed(ours, 16), _closed(theirs, 16)
+        r = _ratio(o16 and o16["rps"], t16 and t16["rps"])
+        add(f"ours vs {peer}, req/s at 16 clients (both ONNX Runtime fp32)", ">= 1.2x", r,
+            r is not None and r >= 1.2,
+            f"{o16 and o16['rps']} vs {t16 and t16['rps']} req/s")
+        o1, t1 = _closed(ours, 1), _closed(theirs, 1)
+        r = _ratio(o1 and o1["p50_ms"], t1 and t1["p50_ms"])
+        add(f"ours vs {peer}, p50 at 1 client", "<= 1.0x", r, r is not None and r <= 1.0,
+            f"{o1 and o1['p50_ms']} vs {t1 and t1['p50_ms']} ms")
+        ro, rt = ours and ours.get("max_rate_p99_under_100ms"), theirs.get(
+            "max_rate_p99_under_100ms")
+        r = _ratio(ro, rt)
+        add(f"ours vs {peer}, open-loop rate with p99 <= 100 ms", ">= 1.0x", r,
+            r is not None and r >= 1.0, f"{ro} vs {rt} req/s")
+
+
+def _server_targets(serving: dict, add) -> None:
+    stock = _server(serving, "torchserve-stock")
+    fp32, best = _server(serving, "onnx-server-fp32"), _server(serving, "onnx-server-best")
+    s16, o16, b16 = _closed(stock, 16), _closed(fp32, 16), _closed(best, 16)
+    ceilings = serving.get("ceiling") or {}
+    for label, server, point, ceil in (("fp32", fp32, o16, ceilings.get("fp32")),
+                                       ("best variant", best, b16, ceilings.get("best"))):
+        limit = ceiling_at(ceil or {}, point and point.get("mean_batch"))
+        r = _ratio(point and point["rps"], limit)
+        add(f"our server ({label}) at 16 clients vs the 2-core ceiling", ">= 0.9", r,
+            r is not None and r >= 0.9,
+            f"{point and point['rps']} req/s vs {limit} images/s at mean batch "
+            f"{point and point.get('mean_batch')} ({(ceil or {}).get('variant')})")
+    r = _ratio(b16 and b16["rps"], o16 and o16["rps"])
+    add("our server on the best variant vs on fp32, 16 clients", ">= 1.8x", r,
+        r is not None and r >= 1.8,
+        f"{b16 and b16['rps']} ({(best or {}).get('settings', {}).get('variant_running')}) "
+        f"vs {o16 and o16['rps']} req/s")
+    for label, point in (("fp32", o16), ("best variant", b16)):
+        r = _ratio(point and point["rps"], s16 and s16["rps"])
+        add(f"our server ({label}) vs stock TorchServe, 16 clients", "(was >= 10x)", r,
+            r is not None and r >= 10, f"{point and point['rps']} vs {s16 and s16['rps']}")
+    ours_ts = _closed(_server(serving, "torchserve-ours-onnx"), 16)
+    r = _ratio(ours_ts and ours_ts["rps"], s16 and s16["rps"])
+    add("TorchServe + our handler (onnx) vs stock, 16 clients", ">= 4x", r,
+        r is not None and r >= 4, f"{ours_ts and ours_ts['rps']} vs {s16 and s16['rps']}")
+    phone = {(p["image"], p["server"], p["decode"]): p for p in serving.get("phone") or []}
+    for size in ("12mp", "1080p"):
+        today = phone.get((size, "onnx-server-fp32", "full decode (default)"))
+        goal = ">= 3x" if size == "12mp" else "(reported)"
+        for decode in ("full decode (default)", "draft x2"):
+            now = phone.get((size, "onnx-server-best", decode))
+            r = _ratio(now and now["rps"], today and today["rps"])
+            add(f"{size} uploads: best variant, {decode} vs today's path (fp32, full "
+                f"decode), 16 clients", goal, r,
+                r is not None and (r >= 3 if size == "12mp" else True),
+                f"{now and now['rps']} vs {today and today['rps']} req/s")
+    streams = {(t["server"], t["setting"]): t for t in serving.get("streams") or []}
+    for kind in ("onnx-server-fp32", "onnx-server-best"):
+        one = streams.get((kind, "1 stream x 2 threads (default)"))
+        two = streams.get((kind, "2 streams x 1 thread"))
+        r = _ratio(two and two["rps"], one and one["rps"])
+        add(f"{kind}: 2 streams x 1 thread vs 1 x 2 threads, 16 clients", "(decides)", r,
+            r is not None and r > 1.0, f"{two and two['rps']} vs {one and one['rps']} req/s")
 
 
 def _engine_targets(result: dict, out: list[dict], add) -> list[dict]:
     engines = result.get("engines") or {}
     if not engines:
         return out
-    f8 = _engine(engines, "mobilenet_v2", "onnx_fp32", 8)
-    q8 = _engine(engines, "mobilenet_v2", "onnx_int8", 8)
-    r = (q8["items_per_s"] / f8["items_per_s"]) if f8 and q8 else None
-    add("int8 vs float32 ONNX throughput, batch 8 (MobileNetV2)", ">= 1.8x", r,
-        None if r is None else r >= 1.8,
-        f"{q8['items_per_s'] if q8 else '-'} vs {f8['items_per_s'] if f8 else '-'} images/s")
-    agreement = engines.get("int8_agreement") or {}
+    for arch in engines.get("archs", []):
+        ref = _engine(engines, arch, "onnxruntime-fp32", 8)
+        variants = [r for r in engines.get("rows", []) if r["arch"] == arch
+                    and r["batch"] == 8 and r["engine"] not in
+                    ("eager", "torchscript", "onnxruntime-fp32")]
+        if not ref or not variants:
+            continue
+        top = max(variants, key=lambda r: r["items_per_s"])
+        r = _ratio(top["items_per_s"], ref["items_per_s"])
+        goal = ">= 2x" if arch == "mobilenet_v2" else "(reported)"
+        add(f"best variant vs ONNX Runtime fp32 in process, batch 8 ({arch})", goal, r,
+            r is not None and (r >= 2 if arch == "mobilenet_v2" else True),
+            f"{top['engine']} {top['items_per_s']} vs {ref['items_per_s']} images/s")
+    agreement = engines.get("variant_agreement") or {}
     if agreement.get("measured"):
-        add("int8 top-1 agreement with float32 (validation images)", ">= 0.98",
-            agreement["agreement"], agreement["agreement"] >= 0.98,
-            f"{agreement['num_images']} images of {agreement['version']} "
-            f"({agreement['arch']}, crop {agreement['crop']})")
+        for name, value in agreement["agreement"].items():
+            if name == "onnxruntime-fp32":
+                continue
+            add(f"{name} top-1 agreement with fp32 (validation images)", ">= 0.99", value,
+                value >= 0.99, f"{agreement['num_images']} images of {agreement['version']} "
+                f"({agreement['arch']}, crop {agreement['crop']})")
     else:
-        add("int8 top-1 agreement with float32 (validation images)", ">= 0.98", None, None,
+        add("variant top-1 agreement with fp32 (validation images)", ">= 0.99", None, None,
             agreement.get("why", ""))
     return out
 
@@ -208,14 +270,18 @@ def markdown(result: dict, png: Path | None = None) -> str:
                          [[r["image"], r["size"], r["bytes"] // 1024,
                            "on" if r["draft"] else "off", r["step"], _spread(r, "p50_ms"),
                            _fmt(r["p99_ms"])] for r in engines["preprocess"]])]
-        a = engines.get("int8_agreement") or {}
+        a = engines.get("variant_agreement") or {}
         if a.get("measured"):
-            parts += ["", (f"int8 agreement: top-1 {a['agreement']:.2%} of {a['num_images']} "
-                          f"validation images of {a['version']} ({a['arch']}, crop {a['crop']});"
-                          f" accuracy float {a['float_accuracy']:.2%}, int8 "
-                          f"{a['int8_accuracy']:.2%}.")]
+            parts += ["", (f"Top-1 agreement with onnxruntime-fp32 on {a['num_images']} "
+                          f"validation images of {a['version']} ({a['arch']}, crop "
+                          f"{a['crop']}): " + ", ".join(
+                              f"{k} {v:.2%}" for k, v in a["agreement"].items()
+                              if k != "onnxruntime-fp32")
+                          + (f"; accuracy fp32 {a['float_accuracy']:.2%}, int8 "
+                             f"{a['int8_accuracy']:.2%}" if a.get("int8_accuracy") is not None
+                             else "") + ".")]
         else:
-            parts += ["", f"int8 agreement: not measured ({a.get('why', '')})."]
+            parts += ["", f"Variant agreement: not measured ({a.get('why', '')})."]
     serving = result.get("serving")
     if serving:
         parts += ["", (f"## Servers over HTTP ({serving.get('image', '')}, "
@@ -223,18 +289,22 @@ def markdown(result: dict, png: Path | None = None) -> str:
         parts += [f"- **{s['name']}**: {json.dumps(s.get('settings', {}))}"
                   + (f" — FAILED: {s['error']}" if s.get("error") else "")
                   for s in serving["servers"]]
-        c = serving.get("ceiling") or {}
-        if c:
-            parts += [(f"- **in-process ceiling** (Predictor, {c.get('threads')} threads): "
-                      f"single image p50 {_fmt(c.get('single_p50_ms'))} ms, batch "
-                      f"{c.get('batch')} throughput {_fmt(c.get('throughput_images_per_s'))}"
-                      f" images/s (decode + preprocess + inference)")]
+        for label, c in (serving.get("ceiling") or {}).items():
+            per_batch = ", ".join(f"batch {b}: {v['inference_core_ms_per_image']} core-ms -> "
+                                  f"{v['images_per_s']} images/s"
+                                  for b, v in c.get("per_batch", {}).items())
+            parts += [(f"- **ceiling, {label}** ({c.get('variant')}, {c.get('cores')} cores): "
+                      f"preprocess {_fmt(c.get('preprocess_core_ms'), 2)} core-ms per image; "
+                      f"inference per image {per_batch}; single image end to end p50 "
+                      f"{_fmt(c.get('single_p50_ms'))} ms")]
         rows = [[s["name"], r["concurrency"], _fmt(r["p50_ms"]), _fmt(r["p95_ms"]),
-                 _fmt(r["p99_ms"]), _fmt(r["rps"]), r["errors"]]
+                 _fmt(r["p99_ms"]), _spread(r, "rps"), _fmt(r.get("mean_batch"), 2),
+                 r["errors"]]
                 for s in serving["servers"] for r in s.get("closed", [])]
-        parts += ["", "### Closed loop", "",
+        parts += ["", (f"### Closed loop (median of {serving.get('repeats', 1)} runs of "
+                      f"{serving.get('duration_s')} s per point, (min-max) of req/s)"), "",
                   _table(["server", "concurrency", "p50 ms", "p95 ms", "p99 ms", "req/s",
-                          "errors"], rows)]
+                          "mean batch", "errors"], rows)]
         rows = [[s["name"], _fmt(r["rate"]), _fmt(r["rps"]), _fmt(r["p50_ms"]),
                  _fmt(r["p99_ms"]), r["errors"]]
                 for s in serving["servers"] for r in s.get("open", [])]
@@ -244,13 +314,22 @@ def markdown(result: dict, png: Path | None = None) -> str:
                   "", _table(["server", "rate req/s", "served req/s", "p50 ms", "p99 ms",
                               "errors"], rows),
                   "", _table(["server", "highest rate with p99 < 100 ms and no errors"], best)]
-        if serving.get("tuning"):
+        for key, title in (("streams", "Streams: two batches of one thread vs one of two"),
+                           ("tuning", "Tuning")):
+            if not serving.get(key):
+                continue
             rows = [[t["server"], t["setting"], _fmt(t["p50_ms"]), _fmt(t["p99_ms"]),
-                     _fmt(t["rps"]), t["errors"]] for t in serving["tuning"]]
-            parts += ["", (f"### Tuning (closed loop, concurrency "
-                          f"{serving.get('tuning_concurrency')})"), "",
+                     _spread(t, "rps"), t["errors"]] for t in serving[key]]
+            parts += ["", f"### {title} (closed loop, concurrency 16)", "",
                       _table(["server", "setting", "p50 ms", "p99 ms", "req/s", "errors"],
                              rows)]
+        if serving.get("phone"):
+            rows = [[p["image"], p["server"], p["decode"], _fmt(p["p50_ms"]),
+                     _fmt(p["p99_ms"]), _spread(p, "rps"), p["errors"]]
+                    for p in serving["phone"]]
+            parts += ["", "### Phone photos (closed loop, concurrency 16)", "",
+                      _table(["upload", "server", "decode", "p50 ms", "p99 ms", "req/s",
+                              "errors"], rows)]
         if png is not None:
             parts += ["", f"![latency vs throughput]({png.name})"]
     training = result.get("training")

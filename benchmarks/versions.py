@@ -60,13 +60,15 @@ def backbone_version(arch: str, images: list[Path], root: Path = SCRATCH / "mode
                      int8: bool = True, resize: int = RESIZE, crop: int = CROP,
                      num_classes: int = NUM_CLASSES) -> Path:
     """``root/<arch>/v1``: a random-weight version with model.ts, model.onnx (and
-    model.int8.onnx), exported and parity-checked by ``training.export``; reused if there."""
+    model.int8.onnx and every engine variant recorded), exported and parity-checked by
+    ``training.export``; reused if there."""
     from serving.preprocess import PreprocessSpec
     from training.export import export_version, load_images
 
     path = root / f"{arch}-{crop}" / "v1"
     wanted = ["model.ts", "model.onnx"] + (["model.int8.onnx"] if int8 else [])
-    if all((path / f).is_file() for f in wanted):
+    if all((path / f).is_file() for f in wanted) and (not int8 or "variants" in json.loads(
+            (path / "model_config.json").read_text())):
         return path
     import torch
 
@@ -91,30 +93,21 @@ def backbone_version(arch: str, images: list[Path], root: Path = SCRATCH / "mode
 
     path = create_version(root / f"{arch}-{crop}", write)
     log.info("exporting %s to %s", arch, path)
-    # Random weights give near-ties, so int8 agreement here means nothing: accept any.
+    # Random weights give near-ties, so agreement here means nothing: accept any variant
+    # (agreement is measured on a trained version: variant_agreement).
     export_version(path, images=images, quantize="int8" if int8 else None, min_agreement=0.0,
-                   calibration_images=images)
+                   calibration_images=images, variants=["all"] if int8 else None)
     return path
 
 
-def int8_view(version: Path) -> Path:
-    """A sibling version directory whose ``model.onnx`` is the int8 model, for servers and
-    predictors that load ``model.onnx``."""
-    view = version.parent.parent / f"{version.parent.name}-int8" / version.name
-    view.mkdir(parents=True, exist_ok=True)
-    for name in ("class_to_idx.json", "model_config.json"):
-        shutil.copyfile(version / name, view / name)
-    shutil.copyfile(version / "model.int8.onnx", view / "model.onnx")
-    return view
-
-
-def int8_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
-    """Top-1 agreement of int8 against float32 ONNX on a trained version's validation images.
+def variant_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
+    """Top-1 agreement of every engine variant with ONNX Runtime fp32 on a trained version's
+    validation images (and int8 accuracy), as ``export --variants all`` measures it.
 
     The version is copied to scratch and exported there (the original is not touched); its
     int8 model is calibrated on its training images, as ``make export`` would.
     """
-    from training.export import export_version, load_images, run_onnx, validation_images
+    from training.export import export_version
     from training.version import load_version
 
     if trained is None or not (Path(trained) / "model_config.json").is_file():
@@ -122,28 +115,24 @@ def int8_agreement(trained: Path | None, scratch: Path = SCRATCH) -> dict:
                 "why": f"no trained version at {trained}: run `make train` first"}
     source = load_version(trained)
     copy = scratch / "trained" / f"{source.name}-v{source.version}"
-    if not (copy / "model.int8.onnx").is_file():
-        shutil.rmtree(copy, ignore_errors=True)
-        copy.mkdir(parents=True)
-        for f in source.path.iterdir():
-            if f.is_file() and f.suffix in {".pth", ".json", ".csv"}:
-                shutil.copyfile(f, copy / f.name)
-        # The copy is not the registered model: keep export from logging into its MLflow run.
-        config = json.loads((copy / "model_config.json").read_text())
-        config.pop("mlflow_run_id", None)
-        write_json(copy / "model_config.json", config)
-        export_version(copy, quantize="int8", min_agreement=0.0)
-    version = load_version(copy)
-    val = validation_images(version)
-    if not val:
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir(parents=True)
+    for f in source.path.iterdir():
+        if f.is_file() and f.suffix in {".pth", ".json", ".csv"}:
+            shutil.copyfile(f, copy / f.name)
+    # The copy is not the registered model: keep export from logging into its MLflow run.
+    config = json.loads((copy / "model_config.json").read_text())
+    config.pop("mlflow_run_id", None)
+    config.pop("variants", None)
+    write_json(copy / "model_config.json", config)
+    report = export_version(copy, min_agreement=0.0, variants=["all"])
+    if not report.variants or report.variants["num_images"] == 0:
         return {"measured": False, "why": f"{trained} lists no validation images"}
-    x = load_images([p for p, _ in val], version.spec)
-    float_top1 = run_onnx(copy / "model.onnx", x, 8).argmax(1)
-    int8_top1 = run_onnx(copy / "model.int8.onnx", x, 8).argmax(1)
-    index = version.class_to_idx
-    truth = np.array([index.get(label, -1) for _, label in val])
-    return {"measured": True, "version": str(source.path), "arch": version.config["arch"],
-            "crop": version.spec.crop_size, "num_images": len(x),
-            "agreement": round(float((float_top1 == int8_top1).mean()), 4),
-            "float_accuracy": round(float((float_top1 == truth).mean()), 4),
-            "int8_accuracy": round(float((int8_top1 == truth).mean()), 4)}
+    table = report.variants
+    q = report.quantization or {}
+    return {"measured": True, "version": str(source.path), "arch": source.config["arch"],
+            "crop": source.spec.crop_size, "num_images": table["num_images"],
+            "agreement": {name: round(v.get("agreement", 1.0), 4)
+                          for name, v in table["passed"].items()},
+            "skipped": table["skipped"],
+            "float_accuracy": q.get("float_accuracy"), "int8_accuracy": q.get("int8_accuracy")}

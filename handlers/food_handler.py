@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving import engines
 from serving.artifacts import cap_threads, read_model
 from serving.errors import BodyTooLarge, InputError, InternalError, ServingError
-from serving.predictor import Predictor, default_threads, ort_session, to_json
+from serving.predictor import Predictor, default_threads, to_json
 from serving.preprocess import (
     DEFAULT_DECODE_TIMEOUT_S,
     DEFAULT_MAX_JPEG_SCANS,
@@ -80,6 +81,8 @@ class FoodHandler:
         handler_config = yaml_config.get("handler") or {}
         topk = int(handler_config["topk"]) if handler_config.get("topk") else None
         budget = decode_budget(handler_config)
+        # handler.jpeg_draft: JPEG draft decoding at that factor (off unless set).
+        draft = int(handler_config["jpeg_draft"]) if handler_config.get("jpeg_draft") else None
         workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
         # The CPUs this worker may use (affinity, container quota), shared by the workers.
         threads = (cap_threads(handler_config.get("threads"), "model-config.yaml handler.threads")
@@ -88,15 +91,23 @@ class FoodHandler:
 
         serialized = context.manifest["model"]["serializedFile"]
         if serialized.endswith(".onnx"):
+            # The fastest variant export validated that this worker can run, unless
+            # model-config.yaml's handler.engine / handler.precision name one.
+            variant = engines.choose(artifacts,
+                                     str(handler_config.get("engine") or engines.AUTO),
+                                     str(handler_config.get("precision") or engines.AUTO))
             # ORT's own default (spinning threads) is what this handler has always run with.
-            session = ort_session(artifacts.model_bytes("onnx"), threads, spinning=True)
-            self.predictor = Predictor(artifacts, session, default_topk=topk, budget=budget)
+            engine = engines.build(artifacts.model_bytes(variant.model_format), variant,
+                                   threads, spinning=True)
+            self.predictor = Predictor(artifacts, engine, default_topk=topk, budget=budget,
+                                       draft_factor=draft)
         else:
             infer = torchscript_infer(artifacts.model_bytes("torchscript"), threads)
             self.predictor = Predictor(artifacts, None, default_topk=topk, infer=infer,
-                                       fmt="torchscript", budget=budget)
-        log.info("loaded %s (%d classes, crop %d, %d threads for %d workers)", serialized,
-                 len(artifacts.labels), artifacts.spec.crop_size, threads, workers)
+                                       fmt="torchscript", budget=budget, draft_factor=draft)
+        log.info("loaded %s on %s (%d classes, crop %d, %d threads for %d workers)",
+                 serialized, self.predictor.runtime, len(artifacts.labels),
+                 artifacts.spec.crop_size, threads, workers)
         self.feedback = feedback_store(handler_config)
         self.initialized = True
 

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from serving import engines
 from serving.preprocess import DEFAULT_MAX_PIXELS
 
 DEFAULTS_HELP = "(default: %(default)s)"
@@ -59,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess-threads", type=int, default=_default("preprocess_threads"),
                    help=f"threads decoding and preprocessing images, the CPU count unless "
                         f"given {DEFAULTS_HELP}")
+    p.add_argument("--engine", choices=("auto", *engines.ENGINES), default=_default("engine"),
+                   help="engine running the model (default auto: the fastest variant that "
+                        "`python -m training export --variants` validated and this machine "
+                        "can run)")
+    p.add_argument("--precision", choices=("auto", *engines.PRECISIONS),
+                   default=_default("precision"),
+                   help="precision of that engine (default auto, as --engine); fp32 with "
+                        "onnxruntime is always allowed")
+    p.add_argument("--streams", type=int, default=_default("streams"),
+                   help="batches run at once per model, each on threads/streams threads "
+                        "(default %(default)s: one batch on all threads, as measured)")
+    p.add_argument("--jpeg-draft", type=int, default=None, metavar="FACTOR",
+                   help="decode JPEGs in draft mode (libjpeg's reduced DCT) down to FACTOR "
+                        "x the resize size: 2-6x faster on phone photos, not bit-identical "
+                        "to a full decode; off by default (benchmarks/README.md says why)")
     p.add_argument("--spinning", action="store_true",
                    help="let ONNX Runtime threads spin while idle (lower latency when ORT has "
                         "the cores to itself; off by default because decoding shares them)")
@@ -192,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 path = target.version_uri(pinned)
             predictors.append(Predictor.load(path, intra_op_threads=args.threads,
                                              allow_spinning=args.spinning,
-                                             budget=budget, name=name or None))
+                                             budget=budget, name=name or None,
+                                             engine=args.engine, precision=args.precision,
+                                             streams=args.streams,
+                                             draft_factor=args.jpeg_draft))
         except (FileNotFoundError, ValueError, ImportError) as e:
             print(f"error: --model {spec}: {e}", file=sys.stderr)
             return 2
@@ -229,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
             request_timeout_s=args.timeout_s, preprocess_threads=args.preprocess_threads,
+            engine=args.engine, precision=args.precision, streams=args.streams,
             header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
             max_connections=args.max_connections,
             feedback=feedback, management=management,
@@ -239,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in predictors:
-        print(f"serving {p.name} v{p.version} from {p.source}: "
+        print(f"serving {p.name} v{p.version} from {p.source} on {p.runtime} "
+              f"({p.threads} threads, {p.streams} stream{'s' * (p.streams > 1)}): "
               f"http://{config.host}:{config.port}/predictions/{p.name}", file=sys.stderr)
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then runs the app's shutdown,
     # which lets the batchers drain.

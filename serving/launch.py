@@ -277,6 +277,27 @@ def start_torchserve(model_store: Path, models: dict[str, str], workdir: Path, *
         raise ValueError(f"workdir {workdir} is too deep for TorchServe's worker sockets "
                          f"(a Unix socket path has at most 107 bytes); use a shorter path")
     tmp.mkdir(parents=True, exist_ok=True)
+    # TorchServe binds its ports only after loading the models, seconds after free_port
+    # chose them; a client connection (our own readiness polls) may take one of them as its
+    # ephemeral port meanwhile. Then it exits with "Address already in use": new ports.
+    for _ in range(BIND_ATTEMPTS - 1):
+        try:
+            return _start_torchserve_once(model_store, models, workdir, config, env,
+                                          ready_timeout)
+        except RuntimeError as e:
+            if "Address already in use" not in str(e):
+                raise
+            log.warning("TorchServe could not bind a port (taken meanwhile); new ports")
+    return _start_torchserve_once(model_store, models, workdir, config, env, ready_timeout)
+
+
+BIND_ATTEMPTS = 3
+
+
+def _start_torchserve_once(model_store: Path, models: dict[str, str], workdir: Path,
+                           config: Mapping[str, str] | None, env: Env | None,
+                           ready_timeout: float) -> Launched:
+    tmp = workdir / "tmp"
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference",
                                       "grpc_management")}
     properties = torchserve_config(workdir / "config.properties", model_store, ports, config)

@@ -42,11 +42,15 @@ class ServerMetrics:
             "onnx_server_preprocess_seconds", "Time to decode and preprocess one image",
             labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inference = Histogram(
-            "onnx_server_inference_seconds", "Time ONNX Runtime took for one batch", labels,
+            "onnx_server_inference_seconds", "Time the engine took for one batch", labels,
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram(
-            "onnx_server_batch_size", "Images per ONNX Runtime batch (dynamic batching)",
+            "onnx_server_batch_size", "Images per inference batch (dynamic batching)",
             labels, buckets=BATCH_BUCKETS, registry=self.registry)
+        self.variant = Gauge(
+            "onnx_server_model_variant", "1 for the engine variant (engine-precision, "
+            "serving.engines) each served model version runs on", labels + ["variant"],
+            registry=self.registry)
         self.in_flight = Gauge(
             "onnx_server_requests_in_flight", "Inference requests received and not yet "
             "answered", registry=self.registry)

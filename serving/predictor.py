@@ -1,7 +1,8 @@
 """Where an image's answer is made: decode -> infer -> encode, for one model version.
 
 ``Predictor.load(source)`` reads a model through :func:`serving.artifacts.read_model` and
-runs it with ONNX Runtime. Its three stages are the contract every caller uses: the HTTP
+runs it on the engine variant :mod:`serving.engines` picks (ONNX Runtime or OpenVINO, at the
+fastest precision export validated). Its three stages are the contract every caller uses: the HTTP
 server's batcher and both protocols, the TorchServe handler (which swaps only ``infer`` for
 TorchScript) and in-process callers (``predict``, ``predict_batch``)::
 
@@ -10,7 +11,7 @@ TorchScript) and in-process callers (``predict``, ``predict_batch``)::
     infer(N x 3 x H x W) -> logits   (N x C)
     encode(logits row, k) -> [Prediction, ...]   (softmax in float64, top-k, shared rounding)
 
-ONNX Runtime is imported only where a session is built, so the TorchServe .mar (which
+The engines are imported only where a model is compiled, so the TorchServe .mar (which
 carries this module) needs no onnxruntime for a TorchScript model, and ``import serving``
 stays light.
 """
@@ -29,13 +30,22 @@ from typing import TYPE_CHECKING, Literal, overload
 import numpy as np
 from PIL import Image
 
+from serving import engines
 from serving.artifacts import ModelArtifacts, read_model
 from serving.errors import InputError
-from serving.preprocess import DEFAULT_MAX_PIXELS, DecodeBudget, preprocess, preprocess_bytes
+from serving.preprocess import (
+    DEFAULT_DRAFT_FACTOR,
+    DEFAULT_MAX_PIXELS,
+    DecodeBudget,
+    draft_target,
+    preprocess,
+    preprocess_bytes,
+)
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from serving.engines import Engine
     from serving.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -158,17 +168,20 @@ def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[Pred
 class Predictor:
     """One model version's three stages, with its labels, preprocessing spec and top-k."""
 
-    def __init__(self, artifacts: ModelArtifacts, session: ort.InferenceSession | None = None,
+    def __init__(self, artifacts: ModelArtifacts, engine: Engine | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, default_topk: int | None = None,
                  name: str | None = None, *,
                  infer: Callable[[np.ndarray], np.ndarray] | None = None,
                  fmt: str = "onnx", feedback: FeedbackStore | None = None,
-                 budget: DecodeBudget | None = None) -> None:
-        """``infer`` runs on the ONNX Runtime ``session``, or is the given function instead
-        (the TorchServe handler passes TorchScript's, ``fmt="torchscript"``). Either way the
-        model's input and output are checked against the model config before it serves.
-        ``default_topk`` and ``name`` override the model config's. With ``feedback`` every
-        prediction is logged there (off the caller's path) under a new id."""
+                 budget: DecodeBudget | None = None,
+                 draft_factor: int | None = DEFAULT_DRAFT_FACTOR) -> None:
+        """``infer`` runs on the compiled ``engine`` (a :mod:`serving.engines` variant), or is
+        the given function instead (the TorchServe handler passes TorchScript's,
+        ``fmt="torchscript"``). Either way the model's input and output are checked against
+        the model config before it serves. ``default_topk`` and ``name`` override the model
+        config's. With ``feedback`` every prediction is logged there (off the caller's path)
+        under a new id. ``draft_factor`` turns on JPEG draft decoding down to that many times
+        the resize size (None: full decode, the default; see serving.preprocess)."""
         self.artifacts = artifacts
         self.feedback = feedback
         self.name = name or artifacts.name
@@ -179,14 +192,20 @@ class Predictor:
         self.default_topk = default_topk or artifacts.default_topk
         self.budget = budget or DecodeBudget(max_pixels)  # what decoding one image may cost
         self.max_pixels = self.budget.max_pixels
-        self.session = session
-        if session is not None:
-            model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
-            artifacts.check_model_io(fmt, model_input.shape, model_output.shape)
-            self.input_name, self.output_name = model_input.name, model_output.name
-            self.threads = session.get_session_options().intra_op_num_threads
+        draft_target(self.spec, draft_factor)  # ValueError for a bad factor, here
+        self.draft_factor = draft_factor
+        self.engine = engine
+        self.input_name, self.output_name = "input", "logits"
+        if engine is not None:
+            artifacts.check_model_io(engine.variant.model_format, engine.input_shape,
+                                     engine.output_shape)
+            self._infer = engine.infer
+            self.input_name, self.output_name = engine.input_name, engine.output_name
+            self.runtime, self.threads = engine.variant.name, engine.threads
+            self.streams, self.spinning = engine.streams, engine.spinning
         elif infer is not None:
-            self.infer = infer  # the swapped stage
+            self._infer = infer  # the swapped stage
+            self.runtime, self.threads, self.streams, self.spinning = fmt, 0, 1, False
             c = self.spec.crop_size
             probe = np.zeros((1, 3, c, c), np.float32)
             try:
@@ -196,36 +215,53 @@ class Predictor:
                                  f"(crop_size in model_config.json): {e}") from e
             artifacts.check_model_io(fmt, probe.shape, np.shape(logits))
         else:
-            raise ValueError("a Predictor needs an ONNX Runtime session or an infer function")
+            raise ValueError("a Predictor needs a compiled engine or an infer function")
 
     @classmethod
     def load(cls, source: str | os.PathLike, *, intra_op_threads: int | None = None,
              allow_spinning: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
              name: str | None = None, feedback: FeedbackStore | None = None,
-             budget: DecodeBudget | None = None) -> Predictor:
-        """A version directory, a ``.mar`` file, or an MLflow URI (``models:/name@alias``),
-        run by ONNX Runtime (threads: ``intra_op_threads``, else model_config.json's
-        ``intra_op_threads``, else the CPU count). ``budget`` bounds each image's decode
+             budget: DecodeBudget | None = None, engine: str = engines.AUTO,
+             precision: str = engines.AUTO, streams: int = 1,
+             draft_factor: int | None = DEFAULT_DRAFT_FACTOR) -> Predictor:
+        """A version directory, a ``.mar`` file, or an MLflow URI (``models:/name@alias``).
+
+        It runs on the variant ``engines.choose`` picks (``engine``/``precision``: ``auto`` is
+        the fastest one ``export --variants`` validated and this machine can run), with
+        ``intra_op_threads`` (else model_config.json's ``intra_op_threads``, else the CPU
+        count) over ``streams`` concurrent batches.
+        ``budget`` bounds each image's decode
         (default: ``max_pixels`` and the default limits); ``feedback`` a store to log
         predictions in."""
         artifacts = read_model(source)
-        log.info("loading %s (%s v%s)", artifacts.source, artifacts.name, artifacts.version)
-        threads = intra_op_threads or artifacts.config.get("intra_op_threads")
-        session = ort_session(artifacts.model_bytes("onnx"), threads, allow_spinning)
-        return cls(artifacts, session, max_pixels=max_pixels, name=name, feedback=feedback,
-                   budget=budget)
+        variant = engines.choose(artifacts, engine, precision)
+        threads = intra_op_threads or artifacts.config.get("intra_op_threads") or \
+            default_threads()
+        log.info("loading %s (%s v%s) on %s, %d threads", artifacts.source, artifacts.name,
+                 artifacts.version, variant, threads)
+        compiled = engines.build(artifacts.model_bytes(variant.model_format), variant,
+                                 threads, allow_spinning, streams)
+        return cls(artifacts, compiled, max_pixels=max_pixels, name=name, feedback=feedback,
+                   budget=budget, draft_factor=draft_factor)
 
     def decode(self, image: ImageInput) -> np.ndarray:
         """Bytes, a path or a PIL image as the model's CHW float32 input (InputError if bad)."""
         if isinstance(image, Image.Image):
             return preprocess(image, self.spec)
         data = bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
-        return preprocess_bytes(data, self.spec, budget=self.budget)
+        return preprocess_bytes(data, self.spec, draft_factor=self.draft_factor,
+                                budget=self.budget)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Run an (N, 3, H, W) float32 batch through the model: (N, C) float32 logits."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        return self._infer(batch)
+
+    def warm(self, max_batch_size: int = 1) -> None:
+        """Run every batch size up to ``max_batch_size`` once on zeros, so no request pays a
+        first-shape cost (OpenVINO prepares each new input shape on first use)."""
+        c = self.spec.crop_size
+        for n in range(1, max_batch_size + 1):
+            self.infer(np.zeros((n, 3, c, c), np.float32))
 
     def parse_topk(self, value: object) -> int:
         """A request's k (None: the default), or InputError naming the allowed range."""

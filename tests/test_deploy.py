@@ -222,7 +222,8 @@ def test_image_installs_the_serve_extra_and_nothing_with_torch():
 
     text = IMAGE_DOCKERFILE.read_text().replace("\\\n", " ")
     installs = [ln for ln in text.splitlines() if re.match(r"RUN\s+pip install", ln)]
-    assert len(installs) == 1 and "[serve]" in installs[0] and "torch" not in installs[0]
+    assert len(installs) == 1 and "[serve,openvino]" in installs[0] \
+        and "torch" not in installs[0]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["serve"]
     assert not [r for r in wanted if re.match(r"(torch|mlflow)\b", r)]

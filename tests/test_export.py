@@ -102,7 +102,8 @@ def test_cli_exit_1_with_numbers_when_refused(tmp_path, monkeypatch, capsys):
         raise ExportError("parity check failed: onnxruntime batch 8: max|diff| 0.5")
 
     monkeypatch.setattr(export, "export_version", refuse)
-    args = type("Args", (), {"model": str(tmp_path), "quantize": None, "min_agreement": 0.98})
+    args = type("Args", (), {"model": str(tmp_path), "quantize": None, "min_agreement": 0.98,
+                             "variants": None})
     assert export.export_cli(args) == 1
     assert "max|diff| 0.5" in capsys.readouterr().err
 

@@ -125,7 +125,8 @@ def test_torchscript_mar_and_missing_files_are_refused_clearly(onnx_version, tmp
 
 def test_session_options_are_chosen(onnx_version):
     p = Predictor.load(onnx_version, intra_op_threads=1, allow_spinning=False)
-    options = p.session.get_session_options()
+    assert p.runtime == "onnxruntime-fp32"
+    options = p.engine.session.get_session_options()
     assert options.intra_op_num_threads == 1
     assert options.inter_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -165,3 +166,23 @@ def test_import_and_prediction_pull_in_no_torch(onnx_version, sample_images):
                          cwd=ROOT, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in TINY_CLASSES
+
+
+def test_jpeg_draft_is_opt_in_and_checked(onnx_version):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((1200, 1600, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    big = buf.getvalue()
+    full = Predictor.load(onnx_version)
+    draft = Predictor.load(onnx_version, draft_factor=2)
+    assert full.draft_factor is None  # off unless asked for
+    a, b = full.decode(big), draft.decode(big)
+    assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+    assert not np.array_equal(a, b)  # decoded at a reduced scale
+    with pytest.raises(ValueError, match="draft_factor"):
+        Predictor.load(onnx_version, draft_factor=0)

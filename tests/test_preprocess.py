@@ -15,9 +15,11 @@ from torchvision import transforms as T
 from serving.artifacts import labels_from_class_to_idx
 from serving.predictor import parse_topk, softmax, top_k
 from serving.preprocess import (
+    DEFAULT_DRAFT_FACTOR,
     InputError,
     PreprocessSpec,
     decode_image,
+    draft_target,
     preprocess,
     preprocess_bytes,
 )
@@ -34,7 +36,7 @@ def torchvision_eval(spec: PreprocessSpec):
 def test_matches_torchvision_eval_transforms(w, h, crop, extra, seed):
     spec = PreprocessSpec(resize_size=crop + extra, crop_size=crop)
     data = jpeg_bytes(w, h, seed=seed)
-    ours = preprocess_bytes(data, spec)
+    ours = preprocess_bytes(data, spec, draft_factor=None)  # torchvision decodes in full
     ref = torchvision_eval(spec)(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
     assert ours.shape == (3, crop, crop) and ours.dtype == np.float32
     # Same PIL resize, same crop box; only float rounding of the normalization can differ.
@@ -47,7 +49,8 @@ def test_max_abs_difference_on_example_sizes(capsys):
     for w, h in [(500, 375), (375, 500), (1024, 768), (300, 300)]:
         data = jpeg_bytes(w, h, seed=w)
         ref = torchvision_eval(spec)(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
-        worst = max(worst, float(np.abs(preprocess_bytes(data, spec) - ref).max()))
+        ours = preprocess_bytes(data, spec, draft_factor=None)
+        worst = max(worst, float(np.abs(ours - ref).max()))
     print(f"max abs difference vs torchvision: {worst:.2e}")
     assert worst <= 1e-5
 
@@ -150,3 +153,78 @@ def test_labels_need_a_bijection_and_topk_is_validated():
     for bad in ("0", "6", "two"):
         with pytest.raises(ValueError, match="allowed: 1..5"):
             parse_topk(bad, 3, 5)
+
+
+def _smooth_jpeg(width: int, height: int, quality: int = 90, **kw) -> bytes:
+    """A photo-like JPEG (smooth gradients, a little noise) of any size, quick to encode."""
+    small = np.asarray(Image.open(io.BytesIO(jpeg_bytes(64, 48, seed=width * 7 + height))))
+    img = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    return _encode(img, "JPEG", quality=quality, **kw)
+
+
+@pytest.mark.parametrize("factor", [None, 1, 2, 3])
+def test_draft_keeps_the_output_shape_and_dtype(factor):
+    spec = PreprocessSpec(resize_size=64, crop_size=56)
+    out = preprocess_bytes(_smooth_jpeg(1200, 900), spec, draft_factor=factor)
+    assert out.shape == (3, 56, 56) and out.dtype == np.float32 and out.flags.c_contiguous
+
+
+@pytest.mark.parametrize("size,spec", [((500, 375), PreprocessSpec()),
+                                       ((64, 48), PreprocessSpec(resize_size=40, crop_size=32))])
+def test_draft_on_a_small_image_is_identical_to_full_decode(size, spec):
+    data = _smooth_jpeg(*size)
+    full = preprocess_bytes(data, spec, draft_factor=None)
+    for factor in (1, 2):
+        assert np.array_equal(preprocess_bytes(data, spec, draft_factor=factor), full)
+
+
+def test_draft_on_a_big_image_stays_close_to_full_decode():
+    spec = PreprocessSpec(resize_size=64, crop_size=56)
+    data = _smooth_jpeg(1600, 1200)
+    full = preprocess_bytes(data, spec, draft_factor=None)
+    for factor in (1, 2):
+        draft = preprocess_bytes(data, spec, draft_factor=factor)
+        assert not np.array_equal(draft, full)  # the draft did happen
+        assert float(np.abs(draft - full).mean()) < 0.05  # same picture, same framing
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(1, 1500), h=st.integers(1, 1500), target=st.integers(1, 300))
+def test_draft_never_decodes_below_the_resize_target(w, h, target):
+    data = _smooth_jpeg(w, h, quality=75)
+    img = decode_image(data, draft_size=target)
+    # Both sides keep the target (or the whole side, where the image is smaller than it)...
+    assert img.width >= min(w, target) and img.height >= min(h, target)
+    # ...and the draft only ever scales down, by 1, 2, 4 or 8.
+    scale = max(-(-w // img.width), -(-h // img.height))
+    assert scale in (1, 2, 4, 8) and img.size == (-(-w // scale), -(-h // scale))
+
+
+def test_draft_keeps_the_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display: a phone's portrait shot
+    data = _smooth_jpeg(1600, 1200, exif=exif.tobytes())
+    assert decode_image(data).size == (1200, 1600)
+    assert decode_image(data, draft_size=100).size == (150, 200)
+
+
+def test_pixel_limit_is_judged_on_the_full_size_even_with_draft():
+    data = _smooth_jpeg(3000, 2000, quality=50)
+    spec = PreprocessSpec(resize_size=64, crop_size=56)
+    for factor in (None, 1, 2):
+        with pytest.raises(InputError) as e:
+            preprocess_bytes(data, spec, max_pixels=1_000_000, draft_factor=factor)
+        # A draft would decode 375x250: the refusal names the size the header declares.
+        assert e.value.status == 413 and "3000x2000" in e.value.message
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_draft_factor_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="draft_factor"):
+        draft_target(PreprocessSpec(), bad)
+
+
+def test_draft_target_and_default():
+    spec = PreprocessSpec(resize_size=72, crop_size=64)
+    assert draft_target(spec, None) is None and draft_target(spec, 2) == 144
+    assert DEFAULT_DRAFT_FACTOR is None or draft_target(spec, DEFAULT_DRAFT_FACTOR) >= 72

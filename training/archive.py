@@ -33,7 +33,7 @@ HANDLER = REPO / "handlers" / "food_handler.py"
 MODEL_CONFIG_YAML = REPO / "serve_config" / "model-config.yaml"
 # The serving modules the handler imports, carried as the .mar's serving/ package.
 CARRIED_MODULES = ("__init__.py", "errors.py", "preprocess.py", "artifacts.py", "predictor.py",
-                   "atomic.py", "feedback.py")
+                   "engines.py", "atomic.py", "feedback.py")
 # ONNX Runtime answered faster than TorchScript at batch 1 and 8 on the sample crop (see
 # the archive report in README); both formats are built and tested.
 DEFAULT_FORMAT = "onnx"
@@ -89,6 +89,10 @@ def build_archive(model_dir: str | Path, fmt: str = DEFAULT_FORMAT, name: str | 
         package.mkdir(parents=True)
         for module in CARRIED_MODULES:
             shutil.copyfile(SERVING / module, package / module)
+        if fmt == "onnx" and "onnx_int8" in version.formats:
+            # The handler may pick an int8 variant export validated (serving.engines).
+            shutil.copyfile(version.model_file("onnx_int8"),
+                            stage / "carried" / MODEL_FILES["onnx_int8"])
         (stage / "model-config.yaml").write_text(
             yaml.safe_dump(serving_yaml(version, config_yaml), sort_keys=False))
         # A directory among the extra files has its contents copied to the archive's root.

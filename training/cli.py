@@ -165,8 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="artifacts/food/latest")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="also write model.int8.onnx (static QDQ quantization)")
-    p.add_argument("--min-agreement", type=float, default=0.98,
-                   help="refuse the int8 model under this top-1 agreement with float")
+    p.add_argument("--variants", default=None, metavar="NAME[,NAME]|all",
+                   help="also validate these engine variants against onnxruntime-fp32 "
+                        "(onnxruntime-int8, openvino-bf16, openvino-int8, or all) and record "
+                        "those that pass in model_config.json; servers pick the fastest")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="top-1 agreement with float a variant (or the int8 model) needs "
+                        "on the validation split (default %(default)s)")
     p.add_argument("--triton-repo", default=None, metavar="DIR",
                    help="also add the ONNX model to a Triton model repository in DIR")
     p.add_argument("--triton-max-batch-size", type=int, default=8,

@@ -19,6 +19,7 @@ deprecated) with ``external_data=False`` so the weights stay inside the one ``.o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import tempfile
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from serving import engines
+from serving.artifacts import MODEL_FILES
 from serving.atomic import atomic_write, write_json
-from serving.predictor import ort_session
+from serving.predictor import default_threads, ort_session
 from serving.preprocess import InputError, PreprocessSpec, preprocess_bytes
 from training.models import load_eager
 from training.version import EXPORT_MANIFEST, ModelVersion, load_version, write_export
@@ -77,6 +80,7 @@ class ExportReport:
     files: list[Path] = field(default_factory=list)
     parity: list[ParityResult] = field(default_factory=list)
     quantization: dict | None = None
+    variants: dict | None = None  # engines.VARIANTS measured against onnxruntime-fp32
 
 
 def dataset_root(version: ModelVersion) -> Path | None:
@@ -223,6 +227,73 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration: np.ndarray,
     return report
 
 
+def measure_variants(stage: Path, names: list[str], validation: np.ndarray,
+                     min_agreement: float, threads: int | None = None,
+                     rounds: int = 3) -> dict:
+    """Each variant in ``names`` against ``onnxruntime-fp32``, on the files in ``stage``:
+    top-1 agreement on ``validation`` and images/s in process at batch 1 and 8 (same
+    threads). Those reaching ``min_agreement`` are "passed" (a server may pick them), the
+    others "refused"; variants this machine cannot run, or whose file is missing, "skipped".
+
+    Speed is timed in ``rounds`` rounds that visit every variant in turn, and each figure is
+    the median over rounds: a neighbour's load then slows all variants alike instead of
+    whichever happened to be measured during it.
+    """
+    threads = threads or default_threads()
+    batch8 = np.resize(validation, (8, *validation.shape[1:]))
+    table = {"reference": engines.REFERENCE.name, "min_agreement": float(min_agreement),
+             "num_images": len(validation), "threads": threads, "passed": {},
+             "refused": {}, "skipped": {}}
+    compiled: dict[str, engines.Engine] = {}
+    for name in [engines.REFERENCE.name, *names]:
+        variant = engines.variant_named(name)
+        why = engines.unavailable(variant)
+        if why is None and not (stage / MODEL_FILES[variant.model_format]).is_file():
+            why = f"no {MODEL_FILES[variant.model_format]} (its int8 quantization was refused)"
+        if why:
+            table["skipped"][name] = why
+            log.info("variant %s skipped: %s", name, why)
+        elif name not in compiled:
+            model = (stage / MODEL_FILES[variant.model_format]).read_bytes()
+            compiled[name] = engines.build(model, variant, threads)
+    top1 = {name: np.concatenate([e.infer(validation[i:i + 8])
+                                  for i in range(0, len(validation), 8)]).argmax(1)
+            for name, e in compiled.items()}
+    rates: dict[str, dict[str, list[float]]] = {n: {"1": [], "8": []} for n in compiled}
+    for _ in range(rounds):
+        for name, engine in compiled.items():
+            for size, x in (("1", batch8[:1]), ("8", batch8)):
+                rates[name][size].append(engines.images_per_second(engine.infer, x,
+                                                                   seconds=0.4, repeats=1))
+    speed = {name: {"images_per_s_batch1": float(np.median(r["1"])),
+                    "images_per_s_batch8": float(np.median(r["8"]))}
+             for name, r in rates.items()}
+    reference = speed[engines.REFERENCE.name]
+    for name in compiled:
+        entry = {**speed[name],
+                 "speedup": speed[name]["images_per_s_batch8"] / reference["images_per_s_batch8"],
+                 "speedup_batch1": speed[name]["images_per_s_batch1"]
+                 / reference["images_per_s_batch1"]}
+        if name == engines.REFERENCE.name:
+            table["passed"][name] = entry
+            continue
+        entry["agreement"] = float((top1[name] == top1[engines.REFERENCE.name]).mean())
+        passed = entry["agreement"] >= min_agreement
+        table["passed" if passed else "refused"][name] = entry
+        log.info("variant %s: agreement %.2f%%, %.2fx at batch 8 %s", name,
+                 100 * entry["agreement"], entry["speedup"], "passed" if passed else "REFUSED")
+    return table
+
+
+def record_variants(version_dir: Path, published: Path, table: dict) -> None:
+    """Write the variant table into the version's ``model_config.json`` (atomically), tied
+    to the export it was measured on: a reader that resolves another export ignores it."""
+    config_file = version_dir / "model_config.json"
+    config = json.loads(config_file.read_text())
+    config["variants"] = {"export": published.name, **table}
+    write_json(config_file, config)
+
+
 def log_to_mlflow(version: ModelVersion, onnx_path: Path, files: list[Path],
                   example: np.ndarray, logits: np.ndarray) -> None:
     """Log the ONNX model (with a signature) and the exported files into the version's MLflow
@@ -248,14 +319,18 @@ def log_to_mlflow(version: ModelVersion, onnx_path: Path, files: list[Path],
 
 
 def export_version(model_dir: str | Path, images: list[Path] | None = None,
-                   quantize: str | None = None, min_agreement: float = 0.98,
-                   calibration_images: list[Path] | None = None) -> ExportReport:
+                   quantize: str | None = None, min_agreement: float = 0.99,
+                   calibration_images: list[Path] | None = None,
+                   variants: list[str] | None = None) -> ExportReport:
     """Write ``model.ts`` and ``model.onnx`` (and ``model.int8.onnx``) into ``model_dir``.
 
     ``images`` are the parity (and int8 validation) images; by default the version's
     validation images from ``predictions.csv``. ``calibration_images`` default to the
     training images of the version's dataset, then to the validation images. Raises
     :class:`ExportError` (nothing written) when parity or int8 agreement fails.
+    ``variants`` (names from ``serving.engines.VARIANTS``, or ``["all"]``) are measured
+    against ONNX Runtime fp32 and recorded in ``model_config.json`` (int8 ones imply
+    ``quantize="int8"``); one under ``min_agreement`` is refused, the export goes on.
     """
     version = load_version(model_dir)
     spec = version.spec
@@ -272,6 +347,11 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
 
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported")
+    if variants == ["all"]:
+        variants = [v.name for v in engines.VARIANTS]
+    for name in variants or ():
+        if engines.variant_named(name).precision == "int8":
+            quantize = "int8"
     report = ExportReport()
     version_dir = version.path
 
@@ -282,27 +362,38 @@ def export_version(model_dir: str | Path, images: list[Path] | None = None,
         if not all(r.ok for r in report.parity):
             raise ExportError("parity check failed, model.ts/model.onnx not written:\n"
                               + "\n".join(str(r) for r in report.parity))
+        # Agreement and accuracy on the whole validation split (not just the parity
+        # batch): at 32 images one flipped answer would already be 3%.
+        val = validation_images(version)[:MAX_INT8_EVAL_IMAGES]
+        val_paths = [p for p, _ in val] or list(images)
         if quantize == "int8":
-            # Agreement and accuracy on the whole validation split (not just the parity
-            # batch): at 32 images one flipped answer would already be 3%.
-            val = validation_images(version)[:MAX_INT8_EVAL_IMAGES]
-            val_paths = [p for p, _ in val] or list(images)
             truth = np.array([version.class_to_idx[label] for _, label in val]) if val else None
             chosen = calibration_images or training_images(version) or images
             calibration = load_images(chosen[:MAX_CALIBRATION_IMAGES], spec)
-            report.quantization = quantize_int8(stage / "model.onnx", stage / "model.int8.onnx",
-                                                calibration, load_images(val_paths, spec),
-                                                truth, min_agreement)
+            try:
+                report.quantization = quantize_int8(
+                    stage / "model.onnx", stage / "model.int8.onnx", calibration,
+                    load_images(val_paths, spec), truth, min_agreement)
+            except ExportError:
+                if not variants:  # --quantize int8 alone: the int8 model was the request
+                    raise
+                log.warning("int8 quantization refused; its variants are skipped")
+        if variants:
+            report.variants = measure_variants(stage, variants, load_images(val_paths, spec),
+                                               min_agreement)
         write_json(stage / EXPORT_MANIFEST, manifest(stage, report))
 
-    write_export(version_dir, fill)
+    published = write_export(version_dir, fill)
+    if report.variants is not None:
+        record_variants(version_dir, published, report.variants)
     report.files = [version_dir / name for name in ("model.ts", "model.onnx", "model.int8.onnx")
                     if (version_dir / name).is_file()]
     onnx_path = version_dir / "model.onnx"
 
     with torch.inference_mode():
         logits = model(example).numpy()
-    log_to_mlflow(version, onnx_path, report.files, example.numpy(), logits)
+    log_to_mlflow(version, onnx_path, report.files + [version_dir / "model_config.json"],
+                  example.numpy(), logits)
     return report
 
 
@@ -320,14 +411,16 @@ def manifest(stage: Path, report: ExportReport) -> dict:
              for name in ("model.ts", "model.onnx", "model.int8.onnx")
              if (stage / name).is_file()}
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
-            "parity": [vars(r) for r in report.parity], "quantization": report.quantization}
+            "parity": [vars(r) for r in report.parity], "quantization": report.quantization,
+            "variants": report.variants}
 
 
 def export_cli(args) -> int:
     """``python -m training export``: print the parity table; exit 1 when refused."""
     try:
         report = export_version(args.model, quantize=args.quantize,
-                                min_agreement=args.min_agreement)
+                                min_agreement=args.min_agreement,
+                                variants=args.variants.split(",") if args.variants else None)
     except ExportError as e:
         print(f"export refused: {e}", file=sys.stderr)
         return 1
@@ -344,6 +437,17 @@ def export_cli(args) -> int:
             line += f", val accuracy int8 {q['int8_accuracy']:.2%} / float "
             line += f"{q['float_accuracy']:.2%}"
         print(line)
+    if report.variants:
+        table = report.variants
+        for status in ("passed", "refused"):
+            for name, v in table[status].items():
+                print(f"{name:<17} {status:<7} top-1 agreement {v.get('agreement', 1.0):7.2%}, "
+                      f"{v['images_per_s_batch8']:7.1f} images/s at batch 8 "
+                      f"({v['speedup']:.2f}x), batch 1 {v['speedup_batch1']:.2f}x")
+        for name, why in table["skipped"].items():
+            print(f"{name:<17} skipped: {why}")
+        print(f"(--min-agreement {table['min_agreement']:.2%} on {table['num_images']} "
+              f"validation images, {table['threads']} threads; recorded in model_config.json)")
     for path in report.files:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

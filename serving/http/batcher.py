@@ -37,7 +37,8 @@ class Batcher:
     A batch starts as soon as the first image is queued. It waits up to
     ``max_batch_delay_ms`` for more only while other admitted requests are still being
     preprocessed, so a lone request never pays the delay; requests that queued up while the
-    previous batch ran are taken at once, up to ``max_batch_size``.
+    previous batch ran are taken at once, up to ``max_batch_size``. With ``streams`` > 1
+    (the predictor's), that many batches run at once, each on its own executor thread.
     """
 
     def __init__(self, predictor: Predictor, config: ServerConfig,
@@ -51,8 +52,9 @@ class Batcher:
         self.requests = 0  # requests routed here and not yet answered
         self.preparing = 0
         self.wakeup = asyncio.Event()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{predictor.name}")
-        self.task: asyncio.Task | None = None
+        self.executor = ThreadPoolExecutor(predictor.streams,
+                                           thread_name_prefix=f"infer-{predictor.name}")
+        self.tasks: list[asyncio.Task] = []
 
     @contextlib.contextmanager
     def routed(self) -> Iterator[None]:
@@ -145,16 +147,20 @@ class Batcher:
                     item.future.set_result((row, len(batch)))
 
     def start(self) -> None:
-        """Start the batching loop on the running event loop."""
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        """Start the batching loops (one per stream) on the running event loop."""
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self.run()) for _ in range(self.predictor.streams)]
+        self.metrics.variant.labels(*self.labels, self.predictor.runtime).set(1)
 
     async def stop(self, timeout: float) -> None:
         """Let admitted requests finish (up to ``timeout`` seconds), then stop the loop."""
         deadline = time.monotonic() + timeout
         while (self.requests or self.admitted) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self.task is not None:
-            self.task.cancel()
+        for task in self.tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+                await task
         self.executor.shutdown(wait=True)
+        with contextlib.suppress(KeyError):
+            self.metrics.variant.remove(*self.labels, self.predictor.runtime)

@@ -30,6 +30,12 @@ class ServerConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     request_timeout_s: float = 30.0
     preprocess_threads: int = field(default_factory=default_threads)
+    # The engine variant every version is loaded with (serving.engines): "auto" is the
+    # fastest one the version's export validated that this machine can run.
+    engine: str = "auto"
+    precision: str = "auto"
+    # Batches run at once per version, each on threads / streams intra-op threads.
+    streams: int = 1
     # Per connection (uvicorn bounds none of this itself): the request line and headers must
     # arrive within header_timeout_s, the body within body_timeout_s of them; past
     # max_connections open connections new requests get 503.
@@ -47,7 +53,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_body_bytes", "preprocess_threads",
-                     "max_connections"):
+                     "max_connections", "streams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_delay_ms < 0 or self.request_timeout_s <= 0:

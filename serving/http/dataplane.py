@@ -168,7 +168,10 @@ class DataPlane:
             config.feedback.open(self.metrics.registry) if config.feedback else None)
 
     def start(self) -> None:
-        """Start the decode pool and every batching loop (on the running event loop)."""
+        """Warm every version at each batch size, then start the decode pool and every
+        batching loop (on the running event loop)."""
+        for entry in self.models.entries():
+            entry.predictor.warm(self.config.max_batch_size)
         self.decode_pool = ThreadPoolExecutor(self.config.preprocess_threads,
                                               thread_name_prefix="preprocess")
         for entry in self.models.entries():
@@ -178,19 +181,21 @@ class DataPlane:
         """Load and warm a version to add while serving, off the event loop.
 
         It runs with the settings of a version already served (``name``'s default if it
-        has one): intra-op threads, spinning and decode budget. One dummy batch warms its
-        session, so its first request pays no start-up cost."""
+        has one): intra-op threads, spinning, streams, decode budget and JPEG draft, on the
+        variant the
+        server's ``engine``/``precision`` pick for it. It is warmed at every batch size, so
+        its first requests pay no start-up cost."""
         like = (self.models.get(name) if name in self.models.versions
                 else self.models.entries()[0]).predictor
-        options = like.session.get_session_options()
-        spinning = options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
         def load() -> Predictor:
             predictor = Predictor.load(source, intra_op_threads=like.threads,
-                                       allow_spinning=spinning, budget=like.budget,
-                                       name=name)
-            c = predictor.spec.crop_size
-            predictor.infer(np.zeros((1, 3, c, c), np.float32))
+                                       allow_spinning=like.spinning, budget=like.budget,
+                                       name=name, engine=self.config.engine,
+                                       precision=self.config.precision,
+                                       streams=self.config.streams,
+                                       draft_factor=like.draft_factor)
+            predictor.warm(self.config.max_batch_size)
             return predictor
 
         return await asyncio.get_running_loop().run_in_executor(None, load)

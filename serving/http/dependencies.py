@@ -11,8 +11,9 @@ from serving.errors import BodyTooLarge
 from serving.http.dataplane import DataPlane
 
 
-def get_dataplane(request: Request) -> DataPlane:
-    """The app's data plane."""
+async def get_dataplane(request: Request) -> DataPlane:
+    """The app's data plane. ``async``: FastAPI runs a plain ``def`` dependency in a worker
+    thread, a thread hop on every request for a dictionary lookup."""
     return request.app.state.dataplane
 
 

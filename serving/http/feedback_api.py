@@ -44,7 +44,7 @@ class FeedbackRequest(BaseModel):
                                description="who confirmed it (an app name), kept with the label")
 
 
-def get_feedback(request: Request) -> FeedbackStore:
+async def get_feedback(request: Request) -> FeedbackStore:
     """The server's feedback store, or FeedbackOff."""
     store = getattr(request.app.state.dataplane, "feedback", None)
     if store is None:

@@ -94,6 +94,10 @@ async def ready() -> dict:
     return {"ready": True}
 
 
+# KServe's platform names for the engines that run a variant (serving.engines).
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
+
+
 def output_names(predictor: Predictor) -> tuple[str, ...]:
     """What a request may ask for: our derived outputs and the ONNX graph's own."""
     return (*DERIVED_OUTPUTS, predictor.output_name)
@@ -103,7 +107,7 @@ def model_metadata(dataplane: DataPlane, entry: ModelEntry) -> dict:
     p = entry.predictor
     c = p.spec.crop_size
     return {"name": p.name, "versions": sorted(dataplane.models.versions[p.name]),
-            "platform": "onnxruntime_onnx",
+            "platform": PLATFORMS.get(p.runtime.split("-")[0], p.runtime),
             "inputs": [{"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
                        {"name": p.input_name, "datatype": "FP32", "shape": [-1, 3, c, c]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32",

@@ -45,13 +45,14 @@ def describe(dataplane: DataPlane, entry: ModelEntry) -> dict:
     """One version as TorchServe's ``describe model`` shows it, plus labels and spec."""
     p, config = entry.predictor, dataplane.config
     return {"modelName": p.name, "modelVersion": p.version, "modelUrl": public_url(p),
-            "runtime": "onnxruntime", "minWorkers": 1, "maxWorkers": 1,
+            "runtime": p.runtime, "minWorkers": p.streams, "maxWorkers": p.streams,
             "batchSize": config.max_batch_size, "maxBatchDelay": config.max_batch_delay_ms,
             "responseTimeout": config.request_timeout_s, "maxQueue": config.max_queue,
             "loadedAtStartup": True, "isDefault": dataplane.models.is_default(entry),
             "labels": p.labels, "preprocessing": p.spec.to_dict(), "topk": p.default_topk,
-            "workers": [{"id": "onnxruntime", "startTime": dataplane.started,
-                         "status": "READY", "threads": p.threads, "gpu": False}]}
+            "workers": [{"id": f"{p.runtime}-{i}", "startTime": dataplane.started,
+                         "status": "READY", "threads": p.threads // p.streams, "gpu": False}
+                        for i in range(p.streams)]}
 
 
 @router.get("/models/{name}")
