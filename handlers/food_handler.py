@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serving import engines
-from serving.artifacts import cap_threads, read_model
+from serving.artifacts import MODEL_FILES, cap_threads, read_model
 from serving.errors import BodyTooLarge, InputError, InternalError, ServingError
 from serving.predictor import Predictor, default_threads, to_json
 from serving.preprocess import (
@@ -90,6 +90,7 @@ class FoodHandler:
         self.max_body_bytes = int(handler_config.get("max_body_bytes") or MAX_BODY_BYTES)
 
         serialized = context.manifest["model"]["serializedFile"]
+        loaded = serialized
         if serialized.endswith(".onnx"):
             # The fastest variant export validated that this worker can run, unless
             # model-config.yaml's handler.engine / handler.precision name one.
@@ -99,6 +100,7 @@ class FoodHandler:
             # ORT's own default (spinning threads) is what this handler has always run with.
             engine = engines.build(artifacts.model_bytes(variant.model_format), variant,
                                    threads, spinning=True)
+            loaded = MODEL_FILES[variant.model_format]
             self.predictor = Predictor(artifacts, engine, default_topk=topk, budget=budget,
                                        draft_factor=draft)
         else:
@@ -106,7 +108,7 @@ class FoodHandler:
             self.predictor = Predictor(artifacts, None, default_topk=topk, infer=infer,
                                        fmt="torchscript", budget=budget, draft_factor=draft)
         log.info("loaded %s on %s (%d classes, crop %d, %d threads for %d workers)",
-                 serialized, self.predictor.runtime, len(artifacts.labels),
+                 loaded, self.predictor.runtime, len(artifacts.labels),
                  artifacts.spec.crop_size, threads, workers)
         self.feedback = feedback_store(handler_config)
         self.initialized = True

@@ -115,9 +115,9 @@ def build(model: bytes, variant: Variant, threads: int, spinning: bool = False,
     ``threads`` is the total the engine may use; ``streams`` how many batches may run at
     once (each on threads // streams of them): with 2 streams of 1 thread, two batches run
     side by side instead of one batch on two threads. One stream is the default, as
-    measured on 2 cores at 16 clients (benchmarks/README.md, streams table): ONNX Runtime
-    2 x 1 thread served 3 % more, within the noise, while a lone request's inference ran on
-    one thread (p50 at 1 client 13.2 ms against 10.5 in process); OpenVINO 9 % less.
+    measured on 2 cores at 16 clients (benchmarks/README.md, streams): ONNX Runtime 2 x 1
+    thread served 6-10 % more, but a lone request's inference then runs on one thread (p50
+    at 1 client 13.2 ms against 10.5 in process); OpenVINO 11-21 % less.
     """
     if streams < 1 or threads < 1:
         raise ValueError(f"threads={threads}, streams={streams}: both must be >= 1")
