@@ -177,16 +177,36 @@ def _openvino(model: bytes, variant: Variant, threads: int, streams: int) -> Eng
                   network.outputs[0].any_name)
 
 
+@functools.cache
+def cpu_model() -> str:
+    """This machine's CPU model name (Linux ``/proc/cpuinfo``), else the platform's word."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def recorded(artifacts: ModelArtifacts) -> dict[str, dict]:
     """The variants the model's ``model_config.json`` records as passed (name -> agreement,
     speed-up), the reference always among them. A table measured on another export than
-    the one read (a re-export still finishing) is ignored."""
+    the one read (a re-export still finishing) is ignored; one measured on another CPU
+    model is used with a warning (its speed-ups may rank the variants differently here)."""
     table = artifacts.config.get("variants") or {}
     measured_on = table.get("export")
     if artifacts.files_dir is not None and measured_on not in (None, artifacts.files_dir.name):
         log.warning("%s: the variant table is for export %s, not %s; using %s only",
                     artifacts.source, measured_on, artifacts.files_dir.name, REFERENCE)
         table = {}
+    if table.get("cpu") not in (None, cpu_model()):
+        log.warning("%s: variant speed-ups were measured on %s, this host is %s; run "
+                    "python -m training export --variants all here to measure them again",
+                    artifacts.source, table["cpu"], cpu_model())
     return {REFERENCE.name: {"speedup": 1.0}} | {
         name: entry for name, entry in (table.get("passed") or {}).items() if name in BY_NAME}
 

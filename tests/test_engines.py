@@ -67,6 +67,7 @@ def test_export_records_variants_tied_to_their_export(variant_version):
     config = json.loads((variant_version / "model_config.json").read_text())
     table = config["variants"]
     assert table["export"] == (variant_version / "export").readlink().name
+    assert table["cpu"] == engines.cpu_model() and table["threads"] >= 1
     assert table["passed"]["onnxruntime-fp32"]["speedup"] == 1.0
     assert "onnxruntime-int8" in table["passed"]
     for name, entry in table["passed"].items():
@@ -115,6 +116,17 @@ def test_auto_picks_the_fastest_recorded_and_runnable_variant(variant_version, m
         engines.choose(artifacts, engine="openvino", precision="bf16")
     with pytest.raises(ValueError, match="--engine 'tensorrt'; allowed: auto, onnxruntime"):
         engines.choose(artifacts, engine="tensorrt")
+
+
+def test_a_table_from_another_cpu_is_used_with_a_warning(variant_version, caplog):
+    config_file = variant_version / "model_config.json"
+    config = json.loads(config_file.read_text())
+    config["variants"]["cpu"] = "Some Other CPU"
+    config["variants"]["passed"]["onnxruntime-int8"]["speedup"] = 9.0
+    config_file.write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="serving.engines"):
+        assert engines.choose(read_model(variant_version)).name == "onnxruntime-int8"
+    assert "measured on Some Other CPU" in caplog.text
 
 
 def test_a_table_measured_on_another_export_is_ignored(variant_version):

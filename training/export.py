@@ -242,8 +242,8 @@ def measure_variants(stage: Path, names: list[str], validation: np.ndarray,
     threads = threads or default_threads()
     batch8 = np.resize(validation, (8, *validation.shape[1:]))
     table = {"reference": engines.REFERENCE.name, "min_agreement": float(min_agreement),
-             "num_images": len(validation), "threads": threads, "passed": {},
-             "refused": {}, "skipped": {}}
+             "num_images": len(validation), "threads": threads, "cpu": engines.cpu_model(),
+             "passed": {}, "refused": {}, "skipped": {}}
     compiled: dict[str, engines.Engine] = {}
     for name in [engines.REFERENCE.name, *names]:
         variant = engines.variant_named(name)
