@@ -181,12 +181,13 @@ def mean_batch(metrics_url: str | None, before: tuple[float, float] | None = Non
         text = launch.http_get(metrics_url)[1].decode()
     except OSError:
         return None, None
+    from prometheus_client.parser import text_string_to_metric_families
+
     total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("onnx_server_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("onnx_server_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        if family.name == "onnx_server_batch_size":
+            total += sum(s.value for s in family.samples if s.name.endswith("_sum"))
+            count += sum(s.value for s in family.samples if s.name.endswith("_count"))
     now = (total, count)
     if before is None or count <= before[1]:
         return now, None

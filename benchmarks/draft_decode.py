@@ -64,11 +64,11 @@ def model_runner(artifacts: ModelArtifacts) -> tuple[str, Callable[[np.ndarray],
     """``(engine, logits_fn)``: ONNX Runtime when the version is exported, else the eager
     torch model rebuilt from ``model.pth``."""
     if "onnx" in artifacts.formats:
-        from serving.predictor import ort_session
+        from serving import engines
+        from serving.predictor import default_threads
 
-        session = ort_session(artifacts.model_file("onnx"))
-        name = session.get_inputs()[0].name
-        return "onnx", lambda x: session.run(None, {name: x})[0]
+        return "onnx", engines.build(artifacts.model_bytes("onnx"), engines.REFERENCE,
+                                     default_threads()).infer
     import torch
 
     from training.models import load_eager

@@ -16,12 +16,14 @@ agreement on the validation split, speed in process) and records those that reac
 ``--min-agreement`` in ``model_config.json`` under ``variants``. :func:`choose` picks, for a
 server or a Predictor, the fastest recorded variant this machine can run, unless told which.
 OpenVINO is optional (``pip install openvino``); without it its variants are skipped.
+:func:`ort_session` is the one ONNX Runtime session builder (export's checks use it too).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +33,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from serving.artifacts import ModelArtifacts
 
 log = logging.getLogger(__name__)
@@ -129,10 +133,38 @@ def build(model: bytes, variant: Variant, threads: int, spinning: bool = False,
     return _openvino(model, variant, threads, streams)
 
 
+def session_options(intra_op_threads: int, allow_spinning: bool = True) -> ort.SessionOptions:
+    """ONNX Runtime options, chosen rather than defaulted.
+
+    All graph optimizations (constant folding, conv+bn+relu fusion); one intra-op pool sized
+    to the CPUs (a CNN has no parallel branches worth an inter-op pool); spinning threads
+    cut latency when ORT owns the cores but burn them when other threads (the HTTP server's
+    decode pool) need the same cores, so the server turns it off.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                  "1" if allow_spinning else "0")
+    return opts
+
+
+def ort_session(model: bytes | str | os.PathLike, threads: int,
+                spinning: bool = False) -> ort.InferenceSession:
+    """The one ONNX Runtime session builder (CPU): the model's bytes or file, our options."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model if isinstance(model, bytes) else os.fspath(model),
+                                sess_options=session_options(threads, spinning),
+                                providers=["CPUExecutionProvider"])
+
+
 def _onnxruntime(model: bytes, variant: Variant, threads: int, spinning: bool,
                  streams: int) -> Engine:
-    from serving.predictor import ort_session
-
     # ORT runs concurrent run() calls of one session side by side; with one intra-op
     # thread each call computes on its caller's thread, so `streams` callers = streams.
     per_stream = max(1, threads // streams)

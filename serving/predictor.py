@@ -43,8 +43,6 @@ from serving.preprocess import (
 )
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
-
     from serving.engines import Engine
     from serving.feedback import FeedbackStore
 
@@ -98,37 +96,6 @@ def cgroup_cpu_quota() -> float | None:
         except (OSError, ValueError, IndexError):
             continue
     return None
-
-
-def session_options(intra_op_threads: int | None = None,
-                    allow_spinning: bool = True) -> ort.SessionOptions:
-    """ONNX Runtime options, chosen rather than defaulted.
-
-    All graph optimizations (constant folding, conv+bn+relu fusion); one intra-op pool sized
-    to the CPUs (a CNN has no parallel branches worth an inter-op pool); spinning threads
-    cut latency when ORT owns the cores but burn them when other threads (the HTTP server's
-    decode pool) need the same cores, so the server turns it off.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = int(intra_op_threads or default_threads())
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning",
-                                  "1" if allow_spinning else "0")
-    return opts
-
-
-def ort_session(model: bytes | str | os.PathLike, threads: int | None = None,
-                spinning: bool = False) -> ort.InferenceSession:
-    """The one ONNX Runtime session builder (CPU): the model's bytes or file, our options."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(model if isinstance(model, bytes) else os.fspath(model),
-                                sess_options=session_options(threads, spinning),
-                                providers=["CPUExecutionProvider"])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -229,8 +196,7 @@ class Predictor:
         It runs on the variant ``engines.choose`` picks (``engine``/``precision``: ``auto`` is
         the fastest one ``export --variants`` validated and this machine can run), with
         ``intra_op_threads`` (else model_config.json's ``intra_op_threads``, else the CPU
-        count) over ``streams`` concurrent batches.
-        ``budget`` bounds each image's decode
+        count) over ``streams`` concurrent batches. ``budget`` bounds each image's decode
         (default: ``max_pixels`` and the default limits); ``feedback`` a store to log
         predictions in."""
         artifacts = read_model(source)

@@ -35,7 +35,8 @@ from torch import nn
 from serving import engines
 from serving.artifacts import MODEL_FILES
 from serving.atomic import atomic_write, write_json
-from serving.predictor import default_threads, ort_session
+from serving.engines import ort_session
+from serving.predictor import default_threads
 from serving.preprocess import InputError, PreprocessSpec, preprocess_bytes
 from training.models import load_eager
 from training.version import EXPORT_MANIFEST, ModelVersion, load_version, write_export
@@ -147,7 +148,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def run_onnx(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits from ONNX Runtime, fed ``batch_size`` images at a time."""
-    session = ort_session(path)
+    session = ort_session(path, default_threads())
     return np.concatenate([session.run(["logits"], {"input": x[i:i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
 
@@ -169,7 +170,7 @@ def check_parity(model: nn.Module, ts_path: Path, onnx_path: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation, as above
         ts_module = torch.jit.load(str(ts_path), map_location="cpu").eval()
-    session = ort_session(onnx_path)
+    session = ort_session(onnx_path, default_threads())
     results = []
     for bs in PARITY_BATCH_SIZES:
         chunks = [images[i:i + bs] for i in range(0, len(images), bs)]

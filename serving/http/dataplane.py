@@ -182,9 +182,8 @@ class DataPlane:
 
         It runs with the settings of a version already served (``name``'s default if it
         has one): intra-op threads, spinning, streams, decode budget and JPEG draft, on the
-        variant the
-        server's ``engine``/``precision`` pick for it. It is warmed at every batch size, so
-        its first requests pay no start-up cost."""
+        variant the server's ``engine``/``precision`` pick for it. It is warmed at every batch
+        size, so its first requests pay no start-up cost."""
         like = (self.models.get(name) if name in self.models.versions
                 else self.models.entries()[0]).predictor
 
